@@ -1,0 +1,109 @@
+"""Optimizers and learning-rate schedules by name, built from the `optimizer` config section.
+
+Step units: `train.steps` and `optimizer.warmup_steps` count micro-steps (batches). With
+`accumulate_steps = k` the optimizer updates the parameters once every k micro-steps
+(`optax.MultiSteps`), and the schedule is a function of the number of *updates*, so both counts
+are divided by k: changing k keeps the warmup the same fraction of the run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+
+from jaxcollab.config import UserError
+
+PyTree = Any
+
+
+def _constant(opt_config: ml_collections.ConfigDict, total_updates: int) -> optax.Schedule:
+  del total_updates
+  return optax.constant_schedule(opt_config.learning_rate)
+
+
+def _warmup_cosine(opt_config: ml_collections.ConfigDict, total_updates: int) -> optax.Schedule:
+  k = opt_config.get("accumulate_steps", 1)
+  warmup_updates = -(-opt_config.warmup_steps // k)  # Ceil: any warmup asked for stays non-zero.
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=opt_config.learning_rate,
+      warmup_steps=warmup_updates,
+      decay_steps=total_updates,  # optax counts the warmup inside decay_steps.
+      end_value=opt_config.end_learning_rate,
+  )
+
+
+# Name -> (optimizer config, number of optimizer updates) -> schedule of the update count.
+SCHEDULES: dict[str, Callable[[ml_collections.ConfigDict, int], optax.Schedule]] = {
+    "constant": _constant,
+    "warmup_cosine": _warmup_cosine,
+}
+
+
+def decay_mask(params: PyTree) -> PyTree:
+  """True for parameters that weight decay applies to: kernels and embeddings (ndim >= 2).
+
+  Biases, LayerNorm/BatchNorm scales and other 1-D (or scalar) parameters are left alone, the
+  usual choice since decaying them only fights the normalisation and shifts activations.
+  """
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def _adam(c: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+  return optax.adam(lr, b1=c.b1, b2=c.b2)
+
+
+def _adamw(c: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+  return optax.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay, mask=decay_mask)
+
+
+def _sgd(c: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+  return optax.sgd(lr, momentum=c.momentum or None, nesterov=c.nesterov)
+
+
+# Name -> (optimizer config, learning-rate schedule) -> gradient transformation.
+OPTIMIZERS: dict[str, Callable[[ml_collections.ConfigDict, optax.Schedule], optax.GradientTransformation]] = {
+    "adam": _adam,
+    "adamw": _adamw,
+    "sgd": _sgd,
+}
+
+
+def _lookup(registry: dict, key: str, name: str) -> Callable:
+  if name not in registry:
+    raise UserError(f"Unknown {key} {name!r}; choose one of {', '.join(sorted(registry))}.")
+  return registry[name]
+
+
+def make_schedule(opt_config: ml_collections.ConfigDict, total_updates: int) -> optax.Schedule:
+  """The learning rate as a function of the optimizer-update count (not the micro-step)."""
+  return _lookup(SCHEDULES, "optimizer.schedule", opt_config.schedule)(opt_config, total_updates)
+
+
+def make_optimizer(
+    opt_config: ml_collections.ConfigDict, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, schedule) for `total_steps` micro-steps; the schedule takes the update count."""
+  k = opt_config.get("accumulate_steps", 1)
+  total_updates = total_steps // k
+  if total_updates < 1:
+    raise UserError(
+        f"train.steps ({total_steps}) must be at least optimizer.accumulate_steps ({k}), "
+        "or the optimizer never updates."
+    )
+  if opt_config.schedule == "warmup_cosine" and -(-opt_config.warmup_steps // k) >= total_updates:
+    raise UserError(
+        f"optimizer.warmup_steps ({opt_config.warmup_steps}) leaves no room for the cosine decay in "
+        f"train.steps ({total_steps}) with accumulate_steps {k}; shorten the warmup or train longer."
+    )
+  schedule = make_schedule(opt_config, total_updates)
+  tx = _lookup(OPTIMIZERS, "optimizer.name", opt_config.name)(opt_config, schedule)
+  if opt_config.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip), tx)
+  if k > 1:
+    # Clipping sits inside MultiSteps, so it caps the accumulated (mean) gradient of each update.
+    tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
+  return tx, schedule
