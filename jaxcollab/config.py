@@ -131,11 +131,11 @@ def _registries() -> dict[str, Any]:
 
 def load_experiment(path: str, arg: str | None = None) -> ConfigDict:
   """Runs `get_config(arg)` from an experiment file (a path, or `name` under experiments/)."""
-  if not path.endswith(".py") and not os.path.sep in path:
-    candidate = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", path + ".py")
-    path = candidate if os.path.exists(candidate) else path
   if ":" in os.path.basename(path) and arg is None:
     path, arg = path.rsplit(":", 1)
+  if not path.endswith(".py") and os.path.sep not in path:
+    candidate = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", path + ".py")
+    path = candidate if os.path.exists(candidate) else path
   if not os.path.isfile(path):
     raise UserError(f"Experiment file {path!r} does not exist; pass a path such as experiments/cnn_digits.py.")
   spec = importlib.util.spec_from_file_location(f"_experiment_{abs(hash(path))}", path)
@@ -349,3 +349,9 @@ def from_json(text: str) -> ConfigDict:
 
   fill(config, raw, "")
   return config
+
+
+def check_variant(arg: str | None, variants: tuple[str, ...], experiment: str) -> None:
+  """An experiment's `get_config(arg)` accepts only the variants it defines."""
+  if arg is not None and arg not in variants:
+    raise UserError(f"Experiment {experiment!r} has no variant {arg!r}; use one of {', '.join(variants)} or none.")

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
 from typing import Any, Callable
 
 import flax
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
+
+from jaxcollab import checkpoint, config as config_lib, data, evaluate, losses, metrics, models, optim, sharding
+from jaxcollab.config import ConfigDict, UserError
 
 PyTree = Any
 
@@ -23,3 +35,254 @@ class TrainState(flax.struct.PyTreeNode):
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   loss_fn: Callable = flax.struct.field(pytree_node=False)
   lr_fn: Callable = flax.struct.field(pytree_node=False)
+
+  def variables(self) -> dict[str, PyTree]:
+    """The model variables that `apply_fn` takes."""
+    if self.batch_stats:
+      return {"params": self.params, "batch_stats": self.batch_stats}
+    return {"params": self.params}
+
+
+def model_input(batch: dict[str, jax.Array]) -> jax.Array:
+  """Images for classifiers, input tokens for language models."""
+  return batch["image"] if "image" in batch else batch["inputs"]
+
+
+def forward(state: TrainState, params: PyTree, batch: dict, train: bool, rng: jax.Array | None = None):
+  """Logits and updated BatchNorm statistics (unchanged unless training a BatchNorm model)."""
+  variables = {"params": params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  mutable = ["batch_stats"] if train and state.batch_stats else False
+  rngs = {"dropout": rng} if rng is not None else None
+  out = state.apply_fn(variables, model_input(batch), train=train, rngs=rngs, mutable=mutable)
+  if mutable:
+    logits, updates = out
+    return logits, updates["batch_stats"]
+  return out, state.batch_stats
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One micro-step: gradients of the masked mean loss, an optimizer update, and health metrics."""
+  rng = jax.random.fold_in(state.rng, state.step)  # Same numbers at step N whether resumed or not.
+  mask = batch["mask"]
+
+  def loss_of(params):
+    logits, batch_stats = forward(state, params, batch, train=True, rng=rng)
+    per_example = state.loss_fn(logits, batch)
+    loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return loss, (logits, batch_stats)
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  out = {
+      "loss": loss,
+      "learning_rate": state.lr_fn(state.step),
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(params),
+      "update_norm": optax.global_norm(updates),
+  }
+  if "label" in batch:
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    out["accuracy"] = jnp.sum(correct * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  else:
+    out["bits_per_byte"] = loss / math.log(2)
+  new_state = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
+  )
+  return new_state, out
+
+
+@dataclasses.dataclass
+class Run:
+  """What a run is built from; shared by training, evaluation and reloading."""
+
+  config: ConfigDict
+  dataset: data.Dataset
+  model: nn.Module
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  state: TrainState  # Abstract (ShapeDtypeStruct leaves) until `init_state` is called.
+  shardings: TrainState
+  init_fn: Callable[[], TrainState]
+
+  def init_state(self) -> TrainState:
+    """The initial state, born sharded: every device makes only its own shard."""
+    return sharding.create_sharded(self.init_fn, self.shardings)
+
+
+def build(config: ConfigDict, devices: list[jax.Device] | None = None) -> Run:
+  """Validates the config, then makes the dataset, model, mesh and abstract sharded state."""
+  config = config_lib.validate(config)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.parse_rules(config.mesh.rules)
+  sharding.check_batch(config.train.batch_size, mesh)
+  sharding.check_batch(config.train.eval_batch_size, mesh, key="train.eval_batch_size")
+  dataset = data.get_dataset(config)
+  model = models.build(config, dataset.info)
+  if config.model.name == "gpt":
+    dims = models.gpt_dims(config.model)
+    sharding.check_divisible({"model.num_heads": dims["num_heads"], "model.mlp_dim": dims["mlp_dim"]}, mesh)
+  tx, lr_fn = optim.make_optimizer(config.optimizer, config.train.steps)
+  accumulate = config.optimizer.accumulate_steps
+  loss_fn = losses.get_loss(config.loss)
+  sample = jax.tree.map(lambda x: jnp.zeros((1,) + x.shape[1:], x.dtype), example_batch(dataset.info))
+
+  def boxed_variables():
+    return model.init({"params": jax.random.PRNGKey(config.seed)}, model_input(sample), train=False)
+
+  def init_fn() -> TrainState:
+    variables = nn.unbox(boxed_variables())
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        batch_stats=variables.get("batch_stats", {}),
+        rng=jax.random.PRNGKey(config.seed + 1),
+        apply_fn=model.apply,
+        tx=tx,
+        loss_fn=loss_fn,
+        lr_fn=lambda step: lr_fn(step // accumulate),
+    )
+
+  param_specs = sharding.logical_specs(jax.eval_shape(boxed_variables))["params"]
+  abstract = jax.eval_shape(init_fn)
+  shardings = sharding.to_shardings(sharding.state_specs(abstract, param_specs, tx), mesh, rules)
+  return Run(config, dataset, model, mesh, rules, abstract, shardings, init_fn)
+
+
+def example_batch(info: data.DatasetInfo) -> dict[str, np.ndarray]:
+  """A one-example batch of zeros with the dataset's shapes and dtypes."""
+  if info.kind == "image":
+    return {"image": np.zeros((1, *info.image_shape), np.float32), "label": np.zeros((1,), np.int32),
+            "mask": np.ones((1,), np.float32)}
+  return {"inputs": np.zeros((1, info.seq_len), np.int32), "targets": np.zeros((1, info.seq_len), np.int32),
+          "mask": np.ones((1, info.seq_len), np.float32)}
+
+
+def jit_train_step(run: Run) -> Callable:
+  """`train_step` compiled once with the run's shardings, donating the old state."""
+  return jax.jit(
+      train_step,
+      in_shardings=(run.shardings, sharding.batch_sharding(run.mesh)),
+      out_shardings=(run.shardings, None),
+      donate_argnums=0,
+  )
+
+
+def _target_met(target: tuple[str, str, float] | None, result: dict[str, float]) -> bool:
+  if target is None or target[0] not in result:
+    return False
+  name, op, value = target
+  x = result[name]
+  return {">=": x >= value, ">": x > value, "<=": x <= value, "<": x < value}[op]
+
+
+class NonFiniteLossError(UserError):
+  """The loss became NaN or Inf; training stops and the finished checkpoints stay as they are."""
+
+
+class StepLogger:
+  """Turns each step's device metrics into log rows, throughput and progress, one step late."""
+
+  def __init__(self, writer: metrics.MetricWriter, progress: metrics.Progress, config: ConfigDict,
+               start: int, per_batch: int, unit: str):
+    self.writer, self.progress, self.config = writer, progress, config
+    self.per_batch, self.unit = per_batch, unit
+    self.pending = None  # (step, device metrics) not yet pulled to the host.
+    self.last_step, self.last_time = start, time.perf_counter()
+
+  def push(self, step: int, device_metrics: dict[str, jax.Array]) -> None:
+    """Records `step`'s metrics and pulls the previous step's, which has finished by now."""
+    self.flush()
+    self.pending = (step, device_metrics)
+
+  def flush(self) -> None:
+    if self.pending is None:
+      return
+    step, device_metrics = self.pending
+    self.pending = None
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if not math.isfinite(values["loss"]):
+      raise NonFiniteLossError(
+          f"The loss became {values['loss']} at step {step}; lower optimizer.learning_rate or set "
+          "optimizer.grad_clip (finished checkpoints are kept)."
+      )
+    if step % self.config.train.log_every == 0 or step == self.config.train.steps:
+      now = time.perf_counter()
+      values[self.unit] = (step - self.last_step) * self.per_batch / max(now - self.last_time, 1e-9)
+      self.last_step, self.last_time = step, now
+      self.writer.write(step, "train", values)
+    self.progress.update(step, {"loss": values["loss"]})
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` into `workdir` (resuming if it has checkpoints); returns the final eval metrics."""
+  run = build(config)
+  config, info = run.config, run.dataset.info
+  target = config_lib.parse_target(config.train.target)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.Checkpointer(workdir, config, dataclasses.asdict(info))
+  train_iter = run.dataset.train_iterator(
+      batch_size=config.train.batch_size // jax.process_count(),
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
+  state = ckpt.restore_latest(run, train_iter)
+  if state is None:
+    state = run.init_state()
+    if config.init_from:
+      state = checkpoint.init_from(state, config.init_from)
+  start = int(jax.device_get(state.step))
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(config))
+    metrics.write_run_info(workdir, config_json=config_lib.to_json(config), mesh_shape=dict(run.mesh.shape),
+                           argv=list(sys.argv))
+  if start:
+    logging.info("Resuming from step %d in %s.", start, workdir)
+  writer = metrics.MetricWriter(workdir, enabled=is_main, resume_step=start)
+  unit = "examples_per_s" if info.kind == "image" else "tokens_per_s"
+  per_batch = config.train.batch_size * (1 if info.kind == "image" else info.seq_len)
+  progress = metrics.Progress(config.train.steps, initial=start, every=config.train.log_every, enabled=is_main)
+  logger = StepLogger(writer, progress, config, start, per_batch, unit)
+  step_fn = jit_train_step(run)
+  evaluator = evaluate.Evaluator(run)
+  batch_sharding = sharding.batch_sharding(run.mesh)
+  result: dict[str, float] = {}
+  finished = start >= config.train.steps
+  step = start
+  try:
+    while not finished:
+      batch = sharding.to_global(next(train_iter), batch_sharding)
+      state, step_metrics = step_fn(state, batch)
+      step += 1
+      logger.push(step, step_metrics)
+      finished = step >= config.train.steps
+      if step % config.train.eval_every == 0 or finished:
+        logger.flush()
+        result = evaluator.evaluate(state)
+        writer.write(step, "eval", result)
+        if _target_met(target, result):
+          logging.info("Target %r met at step %d (%s).", config.train.target, step, result)
+          finished = True
+      ckpt.maybe_save(step, state, train_iter, result, force=finished)
+      if not finished and ckpt.preempted(step):
+        logger.flush()
+        logging.warning("Stopped by a signal: saved step %d in %s; run the same command to resume.", step, workdir)
+        return result
+    logger.flush()
+    result = evaluator.final_report(state, workdir, write=is_main)
+    if step > start:
+      writer.write(step, "test" if info.eval_split == "test" else "eval_final", result)
+  finally:
+    progress.close()
+    ckpt.close()
+    writer.close()
+  if is_main:
+    metrics.plot_curves(metrics.read_metrics(workdir), os.path.join(workdir, "plots", "curves.png"))
+  return result

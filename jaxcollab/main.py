@@ -1,0 +1,126 @@
+"""The `jaxcollab` command: flags in, one library call out; user errors exit 2 with one sentence."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+
+def _configure_runtime() -> None:
+  """Environment that must be set before jax starts: CPU fusion choice, quiet logs, compile cache."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_cpu_experimental_ynn_fusion_type" not in flags:
+    # jaxlib 0.10 routes CPU dots/convs through YNNPACK fusions, which ran our CNN step 2.4x slower
+    # on x86 CPUs (benchmarks/ynn_fusion.py measures it). Only the CPU backend reads this flag.
+    os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_experimental_ynn_fusion_type=").strip()
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  import jax  # pylint: disable=g-import-not-at-top
+
+  cache = os.environ.get("JAXCOLLAB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxcollab", "xla"))
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="jaxcollab", description=__doc__, allow_abbrev=False)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  train = sub.add_parser("train", allow_abbrev=False, help="train an experiment into a workdir (resumes if it has checkpoints)",
+                         description="Train an experiment; extra --config.a.b=VALUE flags override its config.")
+  train.add_argument("--config", required=True, help="experiment file (experiments/cnn_digits.py) or name (cnn_digits); FILE:ARG passes ARG to get_config, e.g. cnn_digits.py:smoke")
+  train.add_argument("--workdir", required=True, help="run directory: config.json, metrics, checkpoints, plots")
+  dist = train.add_argument_group("several processes (see README 'Scaling out')")
+  dist.add_argument("--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), help="HOST:PORT of process 0")
+  dist.add_argument("--num_processes", type=int, default=_env_int("JAX_NUM_PROCESSES"), help="processes in the run")
+  dist.add_argument("--process_id", type=int, default=_env_int("JAX_PROCESS_ID"), help="this process, 0..num_processes-1")
+  dist.add_argument("--distributed", action="store_true", help="join a cluster JAX detects itself (SLURM, TPU pods)")
+  dist.add_argument("--init_timeout", type=int, default=300, help="seconds to wait for the other processes")
+
+  ev = sub.add_parser("eval", allow_abbrev=False, help="re-evaluate a saved step on its eval split",
+                      description="Evaluate the newest (or --step N) checkpoint of a workdir on its eval split.")
+  ev.add_argument("--workdir", required=True, help="run directory or a checkpoint step directory")
+  ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+
+  ins = sub.add_parser("inspect", allow_abbrev=False, help="show a checkpoint's steps, config, metadata and parameters",
+                       description="Show the steps, config, metadata, metrics and parameter tree of a checkpoint.")
+  ins.add_argument("path", help="workdir, its checkpoints/ directory, or one step directory")
+  ins.add_argument("--step", type=int, default=None, help="step to describe (default: newest)")
+  ins.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+  return parser
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  return int(value) if value and value.lstrip("-").isdigit() else None
+
+
+def _train(args, overrides: list[str]) -> None:
+  from jaxcollab import config as config_lib, sharding, train  # pylint: disable=g-import-not-at-top
+
+  if args.distributed or args.coordinator_address or args.num_processes:
+    sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, args.init_timeout)
+  config = config_lib.apply_overrides(config_lib.load_experiment(args.config), overrides)
+  start = time.perf_counter()
+  result = train.train_and_evaluate(config, args.workdir)
+  summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+  print(f"Final evaluation: {summary} ({time.perf_counter() - start:.0f} s); results in {args.workdir}")
+
+
+def _eval(args) -> None:
+  from jaxcollab import evaluate  # pylint: disable=g-import-not-at-top
+
+  result = evaluate.evaluate_checkpoint(args.workdir, args.step)
+  print(json.dumps(result, indent=2))
+
+
+def _inspect(args) -> None:
+  from jaxcollab import checkpoint  # pylint: disable=g-import-not-at-top
+
+  info = checkpoint.describe(args.path, args.step)
+  if args.json:
+    print(json.dumps(info, indent=2))
+    return
+  print(f"{info['directory']}: steps {', '.join(map(str, info['steps']))}; showing step {info['step']}")
+  meta = info["meta"]
+  print(f"eval at this step: {meta.get('eval') or '-'}; versions: {meta.get('versions')}")
+  model, data = info["config"]["model"], info["config"]["dataset"]
+  print(f"model {model['name']} on {data['name']}; {info['param_count']:,} parameters; "
+        f"{info['total_bytes'] / 2**20:.1f} MiB of state")
+  width = max(len(a["path"]) for a in info["arrays"])
+  for a in info["arrays"]:
+    print(f"  {a['path']:<{width}}  {str(tuple(a['shape'])):>18}  {a['dtype']:>8}  {a['count']:>12,}  {a['bytes']:>12,} B")
+  for row in info["metrics_tail"]:
+    print("  metrics:", json.dumps(row))
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs one subcommand; returns the process exit code."""
+  argv = sys.argv[1:] if argv is None else argv
+  parser = _parser()
+  args, unknown = parser.parse_known_args(argv)
+  overrides = [u for u in unknown if u.startswith("--config.")]
+  stray = [u for u in unknown if not u.startswith("--config.")]
+  if stray or (overrides and args.command != "train"):
+    parser.error(f"unrecognized arguments: {' '.join(stray or overrides)}")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+  for noisy in ("absl", "jax", "orbax", "grain", "tensorflow_datasets"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  _configure_runtime()
+  from jaxcollab.config import UserError  # pylint: disable=g-import-not-at-top
+
+  try:
+    {"train": lambda: _train(args, overrides), "eval": lambda: _eval(args), "inspect": lambda: _inspect(args)}[
+        args.command]()
+  except (UserError, FileNotFoundError) as e:
+    print(f"jaxcollab {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
