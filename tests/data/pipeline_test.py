@@ -1,0 +1,194 @@
+"""Tests for jaxcollab/data/pipeline.py (and get_dataset): grain train/eval batches on embedded data."""
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from jaxcollab import config as config_lib
+from jaxcollab import data
+from jaxcollab.config import UserError
+from jaxcollab.data import augment as augment_lib
+from jaxcollab.data import pipeline
+
+
+def _config(name="digits", **dataset):
+  c = config_lib.defaults()
+  c.dataset.name = name
+  for k, v in dataset.items():
+    c.dataset[k] = v
+  return c
+
+
+def _indexed(n, augment=False):
+  """A dataset whose label is the example's id, so batches show exactly which examples they hold."""
+  images = np.tile(np.linspace(0, 1, 64, dtype=np.float32).reshape(1, 8, 8, 1), (n, 1, 1, 1))
+  examples = pipeline.ImageExamples((images, np.arange(n, dtype=np.int32)))
+  info = pipeline.DatasetInfo("ids", "image", n, n, "test", (8, 8, 1), n, None, None)
+  return pipeline.Dataset(info, examples, lambda split: examples, augment=augment)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_unknown_dataset_name_lists_valid_names():
+  with pytest.raises(UserError, match="digits, pydocs, mnist"):
+    data.get_dataset(_config("mnits"))
+
+
+def test_image_train_batch_format():
+  ds = data.get_dataset(_config())
+  batch = next(ds.train_iterator(batch_size=32, seed=0))
+  assert batch["image"].shape == (32, 8, 8, 1) and batch["image"].dtype == np.float32
+  assert batch["label"].dtype == np.int32 and batch["mask"].dtype == np.float32
+  assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  np.testing.assert_array_equal(batch["mask"], np.ones(32))
+
+
+def test_same_seed_same_batches_and_different_seed_differs():
+  ds = data.get_dataset(_config())
+  first = _take(ds.train_iterator(batch_size=64, seed=1), 3)
+  _assert_same(first, _take(ds.train_iterator(batch_size=64, seed=1), 3))
+  other = _take(ds.train_iterator(batch_size=64, seed=2), 3)
+  assert not np.array_equal(first[0]["label"], other[0]["label"])
+
+
+def test_each_epoch_is_a_new_permutation():
+  it = _indexed(100).train_iterator(batch_size=10, seed=0)
+  epochs = [np.concatenate([b["label"] for b in _take(it, 10)]) for _ in range(2)]
+  for epoch in epochs:
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(100))
+  assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_processes_see_disjoint_shards_that_make_the_global_batch():
+  ds = _indexed(101)
+  # 101 // (10 * 2) = 5 steps per epoch; one example is left out each epoch.
+  shards = [np.concatenate([b["label"] for b in _take(ds.train_iterator(batch_size=10, seed=0, process_index=p,
+                                                                         process_count=2), 5)]) for p in range(2)]
+  assert not set(shards[0]) & set(shards[1])
+  assert len(set(shards[0]) | set(shards[1])) == 100
+  # Step s of both processes together is step s of one process with the global batch.
+  single = _take(ds.train_iterator(batch_size=20, seed=0), 5)
+  for step in range(5):
+    together = set(shards[0][step * 10:(step + 1) * 10]) | set(shards[1][step * 10:(step + 1) * 10])
+    assert together == set(single[step]["label"])
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_resume_from_state_matches_uninterrupted(augment):
+  ds = data.get_dataset(_config(augment=augment))
+  # 1437 // 500 = 2 steps per epoch, so the resumed stretch crosses epoch boundaries.
+  uninterrupted = _take(ds.train_iterator(batch_size=500, seed=5), 7)
+  it = ds.train_iterator(batch_size=500, seed=5)
+  _take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))
+  fresh = data.get_dataset(_config(augment=augment)).train_iterator(batch_size=500, seed=5)
+  fresh.set_state(state)
+  _assert_same(uninterrupted[3:], _take(fresh, 4))
+
+
+def test_augmentation_changes_images_but_not_order_shape_or_range():
+  plain = next(data.get_dataset(_config()).train_iterator(batch_size=128, seed=0))
+  augmented = next(data.get_dataset(_config(augment=True)).train_iterator(batch_size=128, seed=0))
+  np.testing.assert_array_equal(plain["label"], augmented["label"])
+  assert augmented["image"].shape == plain["image"].shape and augmented["image"].dtype == np.float32
+  assert 0.0 <= augmented["image"].min() and augmented["image"].max() <= 1.0
+  changed = np.abs(augmented["image"] - plain["image"]).reshape(128, -1).max(axis=1) > 1e-3
+  assert changed.mean() > 0.9
+
+
+def test_flip_only_when_configured():
+  image = np.random.default_rng(0).random((8, 8, 1)).astype(np.float32)
+  mirrored = 0
+  for seed in range(40):
+    unflipped = augment_lib.Augment(flip=False)({"image": image}, np.random.default_rng(seed))["image"]
+    out = augment_lib.Augment(flip=True)({"image": image}, np.random.default_rng(seed))["image"]
+    # The same draws precede the coin, so flip=True gives the flip=False image or its mirror.
+    if np.array_equal(out, unflipped[:, ::-1]) and not np.array_equal(out, unflipped):
+      mirrored += 1
+    else:
+      np.testing.assert_array_equal(out, unflipped)
+  assert 8 <= mirrored <= 32
+
+
+def test_text_augment_flag_is_ignored():
+  ds = data.get_dataset(_config("pydocs", seq_len=32, augment=True))
+  batch = next(ds.train_iterator(batch_size=4, seed=0))
+  assert set(batch) == {"inputs", "targets", "mask"}
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 3])
+def test_eval_covers_each_example_once(process_count):
+  ds = _indexed(103)
+  per_process = [list(ds.eval_batches(batch_size=8, process_index=p, process_count=process_count))
+                 for p in range(process_count)]
+  expected = ds.num_eval_batches(8, process_count)
+  assert [len(b) for b in per_process] == [expected] * process_count
+  ids = [i for batches in per_process for b in batches for i in b["label"][b["mask"] == 1]]
+  assert sorted(ids) == list(range(103))
+  for batches in per_process:
+    for b in batches:
+      assert b["image"].shape == (8, 8, 8, 1)
+      pad = b["mask"] == 0
+      assert not b["image"][pad].any() and not b["label"][pad].any()
+
+
+def test_digits_eval_matches_test_split_labels():
+  ds = data.get_dataset(_config())
+  labels = [l for p in range(2) for b in ds.eval_batches(batch_size=64, process_index=p, process_count=2)
+            for l in b["label"][b["mask"] == 1]]
+  assert collections.Counter(labels) == collections.Counter(data.embedded.digits_arrays()["test"][1].tolist())
+
+
+def test_pydocs_info_and_windows():
+  ds = data.get_dataset(_config("pydocs", seq_len=64))
+  train = data.pydocs_bytes("train")
+  assert ds.info.kind == "text" and ds.info.vocab_size == 256 and ds.info.eval_split == "validation"
+  assert ds.info.train_size == (len(train) - 1) // 64
+  batch = next(ds.train_iterator(batch_size=16, seed=0))
+  assert batch["inputs"].shape == (16, 64) and batch["inputs"].dtype == np.int32
+  np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+  np.testing.assert_array_equal(batch["mask"], np.ones((16, 64)))
+  windows = train[:ds.info.train_size * 64].reshape(-1, 64)
+  for row in batch["inputs"]:
+    assert (windows == row).all(axis=1).any()
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_pydocs_eval_scores_every_validation_byte_once(process_count):
+  ds = data.get_dataset(_config("pydocs", seq_len=100))
+  val = data.pydocs_bytes("validation")
+  assert ds.info.eval_size == -(-(len(val) - 1) // 100)  # The short tail is kept, padded.
+  windows = {}
+  for p in range(process_count):
+    for i, b in enumerate(ds.eval_batches(batch_size=32, process_index=p, process_count=process_count)):
+      for r in range(32):
+        windows[(i * 32 + r) * process_count + p] = b["targets"][r][b["mask"][r] == 1]
+  scored = np.concatenate([windows[k] for k in sorted(windows)])
+  np.testing.assert_array_equal(scored, val[1:])
+
+
+def test_batch_larger_than_train_split_is_a_user_error():
+  with pytest.raises(UserError, match="train.batch_size"):
+    data.get_dataset(_config()).train_iterator(batch_size=800, seed=0, process_count=2)
+
+
+def test_bad_process_index_is_a_user_error():
+  with pytest.raises(UserError, match="process_index"):
+    data.get_dataset(_config()).eval_batches(batch_size=8, process_index=2, process_count=2)
+
+
+def test_datasets_registry_is_cheap_and_typed():
+  assert {"digits", "pydocs", "mnist", "fashion_mnist", "cifar10", "tiny_shakespeare", "lm1b"} == set(data.DATASETS)
+  assert {s.kind for s in data.DATASETS.values()} == {"image", "text"}
