@@ -79,9 +79,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
   out = {
       "loss": loss,
       "learning_rate": state.lr_fn(state.step),
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
-      "update_norm": optax.global_norm(updates),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
+      "update_norm": optax.tree.norm(updates),
   }
   if "label" in batch:
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)

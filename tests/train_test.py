@@ -1,0 +1,138 @@
+"""The training step and loop: purity, jit, falling loss, evaluation coverage, NaN stop, target, workdir."""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxcollab import config as config_lib, data, evaluate, sharding, train
+from jaxcollab.config import UserError
+
+ONE_DEVICE = jax.devices()[:1]
+
+
+def smoke(name: str, *overrides: str) -> config_lib.ConfigDict:
+  return config_lib.apply_overrides(config_lib.load_experiment(name, "smoke"), list(overrides))
+
+
+def first_batch(run: train.Run, batch_size: int) -> dict:
+  it = run.dataset.train_iterator(batch_size=batch_size, seed=0)
+  return sharding.to_global(next(it), sharding.batch_sharding(run.mesh))
+
+
+# Every model family, each on an embedded dataset so the test needs no download.
+MODELS = {
+    "mlp": ("mlp_digits", []),
+    "cnn": ("cnn_digits", []),
+    "resnet": ("mlp_digits", ["model.name=resnet", "model.width=8", "model.depth=18"]),
+    "gpt": ("gpt_pydocs", []),
+}
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_loss_falls_on_a_fixed_batch(model):
+  name, overrides = MODELS[model]
+  run = train.build(smoke(name, *overrides, "optimizer.schedule=constant"), ONE_DEVICE)
+  state = run.init_state()
+  batch = first_batch(run, run.config.train.batch_size)
+  step = train.jit_train_step(run)
+  losses = []
+  for _ in range(12):
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+  assert all(math.isfinite(x) for x in losses)
+  assert losses[-1] < 0.8 * losses[0], losses
+  assert int(state.step) == 12
+
+
+def test_jit_equals_no_jit():
+  # The one-layer GPT with dropout: eager mode dispatches op by op, so keep it small.
+  run = train.build(smoke("gpt_pydocs", "model.dropout=0.1", "model.num_layers=1", "train.batch_size=4"), ONE_DEVICE)
+  batch = first_batch(run, run.config.train.batch_size)
+  jitted, m1 = jax.jit(train.train_step)(run.init_state(), batch)
+  eager, m2 = train.train_step(run.init_state(), batch)  # Op by op, as jax dispatches without jit.
+  np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(jitted.params), jax.tree.leaves(eager.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_step_is_a_pure_function_of_state_and_batch():
+  run = train.build(smoke("gpt_pydocs", "model.dropout=0.2"), ONE_DEVICE)
+  batch = first_batch(run, run.config.train.batch_size)
+  step = jax.jit(train.train_step)  # No donation: the same state is used twice.
+  state = run.init_state()
+  a, ma = step(state, batch)
+  b, mb = step(state, batch)
+  assert float(ma["loss"]) == float(mb["loss"])
+  # Dropout draws from fold_in(rng, step): a later step draws other masks from the same batch.
+  later, ml = step(state.replace(step=state.step + 1), batch)
+  assert float(ml["loss"]) != float(ma["loss"])
+  for key in ("loss", "learning_rate", "grad_norm", "param_norm", "update_norm", "bits_per_byte"):
+    assert key in ma
+
+
+@pytest.mark.parametrize("name, eval_batch", [("mlp_digits", 64), ("gpt_pydocs", 24)])
+def test_evaluation_counts_every_example_once(name, eval_batch):
+  config = smoke(name, f"train.eval_batch_size={eval_batch}")
+  run = train.build(config, jax.devices())  # 8 devices: padding must still count each example once.
+  sums = evaluate.Evaluator(run).sums(run.init_state().params, {})
+  if name == "mlp_digits":
+    assert sums["count"] == run.dataset.info.eval_size == 360
+    assert sums["confusion"].sum() == 360
+  else:
+    # Every validation byte after the first is a target exactly once.
+    assert sums["count"] == len(data.pydocs_bytes("validation")) - 1
+
+
+def test_stops_on_nan_with_the_step(tmp_path):
+  config = smoke("mlp_digits", "optimizer.name=sgd", "optimizer.learning_rate=1e30", "train.steps=20")
+  with pytest.raises(train.NonFiniteLossError, match=r"at step \d+"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_target_stops_training_early(tmp_path):
+  config = smoke("mlp_digits", "train.steps=400", "train.eval_every=10", "train.target=accuracy >= 0.5",
+                 "checkpoint.every=100", "train.batch_size=64")
+  result = train.train_and_evaluate(config, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  evals = [r for r in rows if r["split"] == "eval"]
+  assert evals[-1]["accuracy"] >= 0.5 and evals[-1]["step"] < 400
+  assert all(r["accuracy"] < 0.5 for r in evals[:-1])
+  assert result["accuracy"] >= 0.5
+
+
+def test_workdir_has_everything(tmp_path):
+  workdir = str(tmp_path)
+  result = train.train_and_evaluate(smoke("cnn_digits"), workdir)
+  for name in ("config.json", "run.json", "metrics.jsonl", "plots/curves.png", "plots/confusion.png",
+               "report.json"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "20"))
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in train_rows] == [5, 10, 15, 20]
+  for key in ("loss", "accuracy", "learning_rate", "grad_norm", "param_norm", "update_norm", "examples_per_s"):
+    assert key in train_rows[0], key
+  assert rows[-1]["split"] == "test" and rows[-1]["accuracy"] == result["accuracy"]
+  report = json.load(open(os.path.join(workdir, "report.json")))
+  assert len(report["per_class"]) == 10 and np.sum(report["confusion"]) == 360
+  saved = config_lib.from_json(open(os.path.join(workdir, "config.json")).read())
+  assert saved.model.name == "cnn"
+
+
+def test_impossible_batch_for_mesh():
+  with pytest.raises(UserError, match="not divisible by mesh data"):
+    train.build(smoke("mlp_digits", "train.batch_size=12"), jax.devices())
+
+
+@pytest.mark.slow
+def test_gpt_learns_more_than_byte_frequencies(tmp_path):
+  config = smoke("gpt_pydocs", "train.steps=150", "train.eval_every=150", "dataset.seq_len=64",
+                 "model.context=64", "model.embed_dim=64", "model.mlp_dim=256", "optimizer.learning_rate=3e-3",
+                 "train.batch_size=32", "checkpoint.every=150")
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["bits_per_byte"] < data.unigram_entropy_bits("validation") - 0.5, result
