@@ -1,0 +1,222 @@
+"""GPT-2-style decoder-only language model, with a KV cache for token-by-token sampling.
+
+Pre-LN blocks: x + Attention(LN(x)), then x + MLP(LN(x)); learned token and position
+embeddings; a final LayerNorm and a head tied to the token embedding (or a separate matrix).
+Dense layers see the residual stream as a 2-D [B*L, D] array, which ran up to 2x faster
+than [B, L, D] on the CPU (DESIGN.md); attention alone uses the 3-D view.
+
+Decoding (flax lm1b style): `init(..., tokens_BxS, decode=True)` creates a `cache` collection
+sized for S positions; then each `apply(..., tokens_BxL, decode=True, mutable=["cache"])`
+appends L tokens and returns their logits. Jitted steps cannot check bounds, so the sampler
+stops at S tokens (slices past the cache or `context` would clamp, not fail).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxcollab.models import activations
+
+# Shape letters, used as suffixes on array names:
+#   B batch   L query positions   S key/value positions (the cache)   D embed_dim
+#   H heads   K head dim (D // H)   F mlp_dim   V vocab_size   C context (learned positions)
+
+GPT_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(num_layers=2, num_heads=2, embed_dim=64, mlp_dim=256, context=256),
+    "small": dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, context=256),
+    "gpt2-124m": dict(num_layers=12, num_heads=12, embed_dim=768, mlp_dim=3072, context=1024),
+    "gpt2-medium": dict(num_layers=24, num_heads=16, embed_dim=1024, mlp_dim=4096, context=1024),
+    "gpt2-large": dict(num_layers=36, num_heads=20, embed_dim=1280, mlp_dim=5120, context=1024),
+    "gpt2-xl": dict(num_layers=48, num_heads=25, embed_dim=1600, mlp_dim=6400, context=1024),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  """What the GPT needs from the experiment config."""
+
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  embed_dim: int
+  mlp_dim: int
+  context: int
+  dropout: float = 0.0  # On the embeddings and on each residual branch (GPT-2's embd/resid pdrop).
+  activation: str = "gelu"
+  tied: bool = True
+  remat: bool = False
+  dtype: Any = jnp.float32  # Compute dtype; parameters stay float32, logits are returned as float32.
+
+
+def _normal(std: float, names: tuple[str | None, ...]) -> nn.initializers.Initializer:
+  return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def _zeros(names: tuple[str | None, ...]) -> nn.initializers.Initializer:
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _layer_norm(c: GPTConfig, name: str) -> nn.LayerNorm:
+  # Norm scales are tiny and used by every shard, so they are replicated ("norm").
+  return nn.LayerNorm(
+      epsilon=1e-5,
+      dtype=c.dtype,
+      param_dtype=jnp.float32,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=_zeros(("norm",)),
+      name=name,
+  )
+
+
+def _residual_std(c: GPTConfig) -> float:
+  # GPT-2 scales the projections into the residual stream so its variance stays O(1) with depth.
+  return 0.02 / math.sqrt(2 * c.num_layers)
+
+
+class CausalSelfAttention(nn.Module):
+  """Multi-head causal attention; q/k/v heads and the output projection split over `tensor`."""
+
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, decode: bool = False) -> jax.Array:
+    """Returns the attention output as [B*L, D]."""
+    c = self.config
+    B, L, D = x_BxLxD.shape
+    H = c.num_heads
+    K = D // H
+    qkv_BLx3xHxK = nn.DenseGeneral(
+        (3, H, K),
+        dtype=c.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_normal(0.02, ("embed", None, "heads", "kv")),
+        bias_init=_zeros((None, "heads", "kv")),
+        name="qkv",
+    )(x_BxLxD.reshape(B * L, D))
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BLx3xHxK[:, i].reshape(B, L, H, K) for i in range(3))
+
+    if decode and self.has_variable("cache", "key"):
+      # Append this step's keys/values at the cache index; queries see every filled slot up to theirs.
+      key, value = self.variable("cache", "key"), self.variable("cache", "value")
+      index = self.variable("cache", "index")
+      i = index.value
+      k_BxSxHxK = jax.lax.dynamic_update_slice(key.value, k_BxLxHxK.astype(key.value.dtype), (0, i, 0, 0))
+      v_BxSxHxK = jax.lax.dynamic_update_slice(value.value, v_BxLxHxK.astype(value.value.dtype), (0, i, 0, 0))
+      key.value, value.value, index.value = k_BxSxHxK, v_BxSxHxK, i + L
+      S = k_BxSxHxK.shape[1]
+      mask_1x1xLxS = (jnp.arange(S)[None, :] <= i + jnp.arange(L)[:, None])[None, None]
+      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_1x1xLxS)
+    else:
+      if decode:  # First (init) call in decode mode: size the cache from this input's length.
+        self.variable("cache", "key", jnp.zeros, k_BxLxHxK.shape, k_BxLxHxK.dtype)
+        self.variable("cache", "value", jnp.zeros, v_BxLxHxK.shape, v_BxLxHxK.dtype)
+        self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
+
+    return nn.DenseGeneral(
+        D,
+        axis=(-2, -1),
+        dtype=c.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_normal(_residual_std(c), ("heads", "kv", "embed")),
+        bias_init=_zeros(("embed",)),
+        name="out",
+    )(out_BxLxHxK.reshape(B * L, H, K))
+
+
+class FeedForward(nn.Module):
+  """fc -> activation -> proj; the hidden axis splits over `tensor` (Megatron column/row)."""
+
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, x_BLxD: jax.Array) -> jax.Array:
+    c = self.config
+    dense = lambda features, std, names, name: nn.Dense(
+        features,
+        dtype=c.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_normal(std, names),
+        bias_init=_zeros(names[1:]),
+        name=name,
+    )
+    h_BLxF = activations.get(c.activation)(dense(c.mlp_dim, 0.02, ("embed", "mlp"), "fc")(x_BLxD))
+    return dense(c.embed_dim, _residual_std(c), ("mlp", "embed"), "proj")(h_BLxF)
+
+
+class Block(nn.Module):
+  """One pre-LN transformer block."""
+
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, train: bool = False, decode: bool = False) -> jax.Array:
+    c = self.config
+    B, L, D = x_BxLxD.shape
+    dropout = nn.Dropout(c.dropout, deterministic=not train)
+    x_BLxD = x_BxLxD.reshape(B * L, D)
+    h_BxLxD = _layer_norm(c, "ln1")(x_BLxD).reshape(B, L, D)
+    x_BLxD = x_BLxD + dropout(CausalSelfAttention(c, name="attn")(h_BxLxD, decode))
+    x_BLxD = x_BLxD + dropout(FeedForward(c, name="mlp")(_layer_norm(c, "ln2")(x_BLxD)))
+    return x_BLxD.reshape(B, L, D)
+
+
+class GPT(nn.Module):
+  """Tokens [B, L] int32 -> next-token logits [B, L, V] float32."""
+
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL: jax.Array, train: bool = False, decode: bool = False) -> jax.Array:
+    c = self.config
+    B, L = tokens_BxL.shape
+    D = c.embed_dim
+    if c.embed_dim % c.num_heads:
+      raise ValueError(f"num_heads ({c.num_heads}) must divide embed_dim ({c.embed_dim}).")
+    if L > c.context:
+      raise ValueError(f"Sequence length {L} exceeds the model context {c.context}; raise model.context.")
+    embed = nn.Embed(
+        c.vocab_size,
+        D,
+        dtype=c.dtype,
+        param_dtype=jnp.float32,
+        embedding_init=_normal(0.02, ("vocab", "embed")),
+        name="token_embed",
+    )
+    # The position axis is never sharded (None): every shard needs all positions.
+    pos_CxD = self.param("position_embed", _normal(0.02, (None, "embed")), (c.context, D), jnp.float32)
+    start = 0
+    if decode:
+      initialized = self.has_variable("cache", "index")
+      index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+      if initialized:
+        start = index.value
+        index.value = start + L
+    pos_LxD = jax.lax.dynamic_slice(pos_CxD, (start, 0), (L, D)).astype(c.dtype)
+    x_BxLxD = embed(tokens_BxL) + pos_LxD[None]
+    x_BxLxD = nn.Dropout(c.dropout, deterministic=not train)(x_BxLxD)
+
+    # Static positions count `self`: (self, x, train, decode).
+    block = nn.remat(Block, static_argnums=(2, 3)) if c.remat else Block
+    for i in range(c.num_layers):
+      x_BxLxD = block(c, name=f"block_{i}")(x_BxLxD, train, decode)
+
+    x_BLxD = _layer_norm(c, "ln_f")(x_BxLxD.reshape(B * L, D))
+    if c.tied:
+      logits_BLxV = embed.attend(x_BLxD)
+    else:
+      logits_BLxV = nn.Dense(
+          c.vocab_size,
+          use_bias=False,  # GPT-2's head has no bias.
+          dtype=c.dtype,
+          param_dtype=jnp.float32,
+          kernel_init=_normal(0.02, ("embed", "vocab")),
+          name="head",
+      )(x_BLxD)
+    return logits_BLxV.reshape(B, L, c.vocab_size).astype(jnp.float32)
