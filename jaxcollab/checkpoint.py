@@ -1,24 +1,32 @@
 """Checkpoints: orbax saving, exact resume, strict reloading and inspection of a workdir.
 
 A step directory `WORKDIR/checkpoints/<step>/` describes itself:
-  state/   the train state as a plain pytree {step, params, opt_state, [batch_stats], rng}
-  data/    the grain iterator position, one JSON file per process (grain's own orbax handler)
-  config/  the resolved config (JSON, file `metadata`)
-  meta/    step, eval metrics at that step, dataset info and library versions (JSON)
-orbax writes every step into a temporary directory and renames it when complete, so a process
-killed at any moment leaves only finished steps visible.
+  state/          the train state as a plain pytree {step, params, opt_state, [batch_stats], rng}
+  data/           the grain iterator position, one JSON file per process (grain's own orbax handler)
+  config/         the resolved config (JSON, file `metadata`)
+  meta/           step, eval metrics, dataset info, devices and library versions (JSON, file `metadata`)
+  checksums.json  size and CRC32 of every file above, checked before any restore
+orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when complete (one atomic
+rename on a local filesystem), so a process killed at any moment leaves only finished steps visible;
+leftover temporary directories are deleted when training starts again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import glob
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
+import zlib
 from typing import Any
 
+from etils import epath
 import grain
 import jax
 import numpy as np
@@ -29,10 +37,23 @@ from jaxcollab.config import ConfigDict, UserError
 
 PyTree = Any
 STATE, DATA, CONFIG, META = "state", "data", "config", "meta"
+CHECKSUMS = "checksums.json"
+# orbax deletes old steps by renaming them here first (one atomic rename), so a process killed while
+# deleting never leaves a half-deleted step that looks finished; we empty it between saves.
+TRASH = ".deleted"
+# orbax rewrites these two after our checksums are taken (commit timestamp, commit marker).
+_ORBAX_LATE_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
+# What `evaluate.summarize` reports per dataset kind; checked before training so a typo in
+# checkpoint.best_metric fails at once instead of at the first save.
+EVAL_METRICS = {"image": ("loss", "accuracy"), "text": ("loss", "perplexity", "bits_per_byte")}
 
 
 class CheckpointError(UserError):
   """A checkpoint is missing, corrupt or does not fit the model; finished steps are left untouched."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A finished step whose files cannot be read (truncated, deleted or overwritten)."""
 
 
 def state_tree(state) -> dict[str, PyTree]:
@@ -43,192 +64,290 @@ def state_tree(state) -> dict[str, PyTree]:
   return tree
 
 
-def _abstract(tree: PyTree, shardings: PyTree) -> PyTree:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def _paths(tree: PyTree) -> dict[str, tuple]:
   """'params/Dense_0/kernel' -> shape for every leaf of a (metadata) tree."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   out = {}
-  for path, leaf in leaves:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
     out[name] = tuple(getattr(leaf, "shape", ()))
   return out
 
 
 def structure_diff(saved: PyTree, expected: PyTree) -> tuple[list[str], list[str], list[str]]:
-  """(missing, unexpected, shape-mismatched) parameter paths between a saved and an expected tree."""
+  """(missing, unexpected, shape-mismatched) leaf paths between a saved and an expected tree."""
   s, e = _paths(saved), _paths(expected)
-  missing = sorted(set(e) - set(s))
-  unexpected = sorted(set(s) - set(e))
-  mismatched = [f"{p} saved {s[p]} vs model {e[p]}" for p in sorted(set(s) & set(e)) if s[p] != e[p]]
+  # Parameters first: they say what changed in the model; optimizer moments only echo them.
+  order = lambda paths: sorted(paths, key=lambda p: (not p.startswith("params/"), p))
+  missing = order(set(e) - set(s))
+  unexpected = order(set(s) - set(e))
+  mismatched = [f"{p} saved {s[p]} vs model {e[p]}" for p in order(set(s) & set(e)) if s[p] != e[p]]
   return missing, unexpected, mismatched
 
 
 def _listing(label: str, items: list[str], limit: int = 8) -> str:
-  if not items:
-    return ""
   more = f" and {len(items) - limit} more" if len(items) > limit else ""
-  return f"{label}: {', '.join(items[:limit])}{more}"
+  return f"{label}: {', '.join(items[:limit])}{more}" if items else ""
 
 
-def check_structure(saved_params: PyTree, expected_params: PyTree, where: str) -> None:
-  """Raises CheckpointError naming every missing, unexpected and mismatched parameter path."""
-  missing, unexpected, mismatched = structure_diff(saved_params, expected_params)
+def check_structure(saved: PyTree, expected: PyTree, where: str) -> None:
+  """Raises CheckpointError naming every missing, unexpected and mismatched path; never loads partially."""
+  missing, unexpected, mismatched = structure_diff(saved, expected)
   if missing or unexpected or mismatched:
     parts = [_listing("missing", missing), _listing("unexpected", unexpected), _listing("shape mismatch", mismatched)]
     raise CheckpointError(
-        f"The checkpoint {where} does not fit this model ({'; '.join(p for p in parts if p)}); "
-        "use the config it was saved with, or load its parameters explicitly with --config.init_from."
-    )
-
-
-def _manager(directory: str, config: ConfigDict | None = None, read_only: bool = False) -> ocp.CheckpointManager:
-  policies = []
-  if config is not None:
-    c = config.checkpoint
-    policies.append(ocp.checkpoint_managers.LatestN(n=c.keep))
-    if c.best_metric:
-      metric = c.best_metric
-      policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=lambda m: m[metric], reverse=c.best_mode == "min", n=1,
-          keep_checkpoints_without_metrics=False))
-  options = ocp.CheckpointManagerOptions(
-      read_only=read_only,
-      create=not read_only,
-      cleanup_tmp_directories=not read_only,  # Leftovers of a save killed half-way.
-      enable_async_checkpointing=bool(config is not None and config.checkpoint.async_save),
-      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies) if policies else None,
-  )
-  return ocp.CheckpointManager(directory, options=options)
-
-
-def _versions() -> dict[str, str]:
-  import flax, optax  # pylint: disable=g-import-not-at-top,multiple-import
-
-  import jaxcollab  # pylint: disable=g-import-not-at-top
-
-  return {"jaxcollab": jaxcollab.__version__, "jax": jax.__version__, "flax": flax.__version__,
-          "optax": optax.__version__, "orbax": ocp.__version__ if hasattr(ocp, "__version__") else "?"}
-
-
-class CorruptCheckpointError(CheckpointError):
-  """A finished step whose files cannot be read (truncated, deleted or overwritten)."""
-
-
-class Checkpointer:
-  """Saves a run's steps under WORKDIR/checkpoints and restores the newest good one."""
-
-  def __init__(self, workdir: str, config: ConfigDict, dataset_info: dict[str, Any] | None = None):
-    self.config = config
-    self.dataset_info = dataset_info
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.manager = _manager(self.directory, config)
-    self.last_saved = -1
-    self._signal = threading.Event()
-    self._previous_handlers = {}
-    # On several hosts, jax's preemption sync point owns SIGTERM so that all hosts save the same step.
-    signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
-    if threading.current_thread() is threading.main_thread():
-      for sig in signals:
-        self._previous_handlers[sig] = signal.signal(sig, lambda *_: self._signal.set())
-
-  def restore_latest(self, run, train_iter) -> Any | None:
-    """The newest finished step restored into `run`'s shardings (and `train_iter` positioned), or None."""
-    steps = sorted(self.manager.all_steps(), reverse=True)
-    for i, step in enumerate(steps):
-      try:
-        return self._restore(step, run, train_iter)
-      except CorruptCheckpointError as e:
-        if not self.config.checkpoint.fallback or i + 1 == len(steps):
-          raise
-        logging.warning("%s Falling back to step %d (checkpoint.fallback=true).", e, steps[i + 1])
-    return None
-
-  def _restore(self, step: int, run, train_iter):
-    where = os.path.join(self.directory, str(step))
-    saved = _item_metadata(self.manager, step, where)
-    target = state_tree(run.state)
-    check_structure(_model_part(saved), _model_part(target), where)
-    args = {STATE: ocp.args.StandardRestore(_abstract(target, state_tree(run.shardings)))}
-    if train_iter is not None:
-      args[DATA] = grain.checkpoint.CheckpointRestore(train_iter)
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-    except Exception as e:  # orbax/tensorstore raise many types for unreadable files.
-      raise CorruptCheckpointError(
-          f"Checkpoint step {step} at {where} could not be read ({_first_line(e)}); delete that step "
-          "directory or rerun with --config.checkpoint.fallback=true to resume from the previous one."
-      ) from e
-    tree = restored[STATE]
-    self.last_saved = step
-    return run.state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
-                             batch_stats=tree.get("batch_stats", {}), rng=tree["rng"])
-
-  def maybe_save(self, step: int, state, train_iter, eval_metrics: dict[str, float], force: bool = False) -> bool:
-    """Saves every `checkpoint.every` steps, when forced, or after a signal; returns whether it saved."""
-    self.check_errors()
-    due = force or step % self.config.checkpoint.every == 0 or self._signal.is_set()
-    if step == self.last_saved or not due:
-      return False
-    meta = {"step": step, "eval": dict(eval_metrics), "versions": _versions(), "dataset": self.dataset_info}
-    args = {
-        STATE: ocp.args.StandardSave(state_tree(state)),
-        CONFIG: ocp.args.JsonSave(json.loads(config_lib.to_json(self.config))),
-        META: ocp.args.JsonSave(meta),
-    }
-    if train_iter is not None:
-      args[DATA] = grain.checkpoint.CheckpointSave(train_iter)
-    metric = self.config.checkpoint.best_metric
-    metrics = {metric: eval_metrics[metric]} if metric and metric in eval_metrics else None
-    self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
-    self.last_saved = step
-    return True
-
-  def preempted(self, step: int) -> bool:
-    """True once SIGTERM/SIGINT arrived (on several hosts: once all reach jax's preemption sync step)."""
-    return self._signal.is_set() or self.manager.reached_preemption(step)
-
-  def check_errors(self) -> None:
-    """Raises if a background write failed, instead of losing it silently."""
-    try:
-      self.manager.check_for_errors()
-    except Exception as e:
-      raise CheckpointError(f"Writing a checkpoint to {self.directory} failed ({_first_line(e)}); "
-                            "check free disk space and permissions, then rerun to resume.") from e
-
-  def close(self) -> None:
-    """Waits for background writes, reports their errors, and puts the signal handlers back."""
-    try:
-      self.manager.wait_until_finished()
-      self.check_errors()
-    finally:
-      self.manager.close()
-      for sig, handler in self._previous_handlers.items():
-        signal.signal(sig, handler)
-
-
-def _model_part(tree: PyTree) -> dict[str, PyTree]:
-  """What defines the model's structure: parameters and BatchNorm statistics."""
-  return {k: tree[k] for k in ("params", "batch_stats") if k in tree}
+        f"The checkpoint {where} does not fit this model and optimizer ({'; '.join(p for p in parts if p)}); "
+        "train with the config it was saved with, use a new --workdir, or start from its parameters with "
+        "--config.init_from.")
 
 
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+  return f"{type(e).__name__}: {text[0][:400]}" if text else type(e).__name__
 
 
-def _item_metadata(manager: ocp.CheckpointManager, step: int, where: str) -> PyTree:
+# ---- Integrity: sizes and CRC32s of every file, taken before the step becomes visible ----------
+
+
+def _file_digest(path: str) -> dict[str, int]:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 24):
+      crc = zlib.crc32(chunk, crc)  # Releases the GIL on large buffers; training goes on meanwhile.
+  return {"bytes": os.path.getsize(path), "crc32": crc}
+
+
+def _files(step_dir: str) -> list[str]:
+  out = []
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), step_dir)
+      if rel not in _ORBAX_LATE_FILES and rel != CHECKSUMS:
+        out.append(rel)
+  return sorted(out)
+
+
+def write_checksums(step_dir: str) -> None:
+  """Records every file's size and CRC32 in `step_dir/checksums.json`."""
+  digests = {rel: _file_digest(os.path.join(step_dir, rel)) for rel in _files(step_dir)}
+  with open(os.path.join(step_dir, CHECKSUMS), "w") as f:
+    json.dump(digests, f, indent=1, sort_keys=True)
+
+
+def verify(step_dir: str, step: int, contents: bool = True) -> None:
+  """Raises CorruptCheckpointError naming the first file whose size (or CRC32) differs from the save."""
+  where = f"Checkpoint step {step} in {os.path.dirname(step_dir)}"
   try:
-    meta = manager.item_metadata(step)[STATE]
-  except Exception as e:
-    raise CorruptCheckpointError(
-        f"Checkpoint step {step} at {where} has unreadable metadata ({_first_line(e)}); delete that step "
-        "or rerun with --config.checkpoint.fallback=true to resume from the previous one.") from e
-  if meta is None:
-    raise CorruptCheckpointError(f"Checkpoint step {step} at {where} has no '{STATE}' item; it is incomplete.")
-  return getattr(meta, "tree", meta)
+    with open(os.path.join(step_dir, CHECKSUMS)) as f:
+      expected = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CorruptCheckpointError(f"{where} is damaged: {CHECKSUMS} is missing or unreadable ({_first_line(e)})") from e
+  for rel, want in sorted(expected.items()):
+    path = os.path.join(step_dir, rel)
+    if not os.path.isfile(path):
+      problem = "is missing"
+    elif os.path.getsize(path) != want["bytes"]:
+      problem = f"has {os.path.getsize(path)} bytes instead of the {want['bytes']} written"
+    elif contents and _file_digest(path)["crc32"] != want["crc32"]:
+      problem = "has different contents than were written (CRC32 mismatch)"
+    else:
+      continue
+    raise CorruptCheckpointError(f"{where} is damaged: file {os.path.join(str(step), rel)} {problem}")
+
+
+def _damaged(e: CorruptCheckpointError, previous: int | None) -> str:
+  fix = (f"delete that step directory or rerun with --config.checkpoint.fallback=true to resume from step {previous}"
+         if previous is not None else "delete that step directory to start over")
+  return f"{e}; {fix}."
+
+
+# ---- Saving and resuming during training --------------------------------------------------------
+
+
+class Checkpointer:
+  """Saves a run's steps under WORKDIR/checkpoints, restores the newest good one, and catches signals."""
+
+  def __init__(self, workdir: str, config: ConfigDict, dataset_info: dict[str, Any], mesh_shape: dict[str, int]):
+    c = config.checkpoint
+    if c.best_metric and c.best_metric not in EVAL_METRICS[dataset_info["kind"]]:
+      raise CheckpointError(f"checkpoint.best_metric {c.best_metric!r} is not an eval metric of this run; "
+                            f"choose one of {', '.join(EVAL_METRICS[dataset_info['kind']])} or ''.")
+    self.config, self.dataset_info, self.mesh_shape = config, dataset_info, mesh_shape
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    policies = [ocp.checkpoint_managers.LatestN(n=c.keep)]
+    if c.best_metric:  # Only steps saved right after an evaluation carry metrics and compete.
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda m: m[c.best_metric], reverse=c.best_mode == "min", n=1,
+          keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        create=True, cleanup_tmp_directories=True,  # Leftovers of a save killed half-way.
+        enable_async_checkpointing=True,  # Also for async_save=False (then awaited), for the callback below.
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies), todelete_subdir=TRASH)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._empty_trash()
+    self.last_saved = -1
+    self.eval_step, self.eval_metrics = -1, {}  # The newest evaluation, saved so that a resume knows it.
+    self._writing = -1
+    self._stop_signal: int | None = None
+    self._handlers = {}
+    # On several hosts jax's preemption sync point owns SIGTERM, so that all processes save the same
+    # step; a signal seen by one process alone would make it save alone and hang the others.
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._handlers[sig] = signal.signal(sig, self._on_signal)
+
+  def _on_signal(self, signum, frame) -> None:
+    del frame
+    self._stop_signal = signum
+    for sig, handler in self._handlers.items():  # A second Ctrl-C stops at once.
+      signal.signal(sig, handler)
+
+  def _seal(self) -> None:
+    """orbax calls this in its writer thread once all files are written, before the atomic rename."""
+    if jax.process_index() == 0:
+      tmp = sorted(glob.glob(os.path.join(self.directory, f"{self._writing}.orbax-checkpoint-tmp*")))
+      write_checksums(tmp[-1] if tmp else os.path.join(self.directory, str(self._writing)))
+      self._empty_trash()  # Steps that the previous save retired; nothing else touches them now.
+
+  def _empty_trash(self) -> None:
+    if jax.process_index() == 0:
+      shutil.rmtree(os.path.join(self.directory, TRASH), ignore_errors=True)
+
+  def restore_latest(self, run, train_iter) -> Any | None:
+    """The newest good step restored into `run`'s shardings (and `train_iter` positioned), or None."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      previous = steps[i + 1] if i + 1 < len(steps) else None
+      try:
+        return self._restore(step, run, train_iter)
+      except CorruptCheckpointError as e:
+        if not self.config.checkpoint.fallback or previous is None:
+          raise CorruptCheckpointError(_damaged(e, previous)) from e
+        aside = self._move_aside(step)
+        logging.warning("%s; moved it to %s and falling back to step %d (checkpoint.fallback=true).",
+                        e, aside, previous)
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    """Renames a damaged step to `<step>.corrupt` (not a step name), so the resumed run can save it again."""
+    source = os.path.join(self.directory, str(step))
+    target = source + ".corrupt"
+    if jax.process_index() == 0:
+      n = 1
+      while os.path.exists(target):
+        target, n = f"{source}.corrupt{n}", n + 1
+      os.rename(source, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"jaxcollab_move_aside_{step}")
+    self.manager.reload()
+    return target
+
+  def _restore(self, step: int, run, train_iter):
+    path = os.path.join(self.directory, str(step))
+    verify(path, step)
+    meta = _read_json(path, step, META)
+    target = state_tree(run.state)
+    check_structure(read_state_metadata(path, step), target, path)
+    data_file = os.path.join(path, DATA, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    if train_iter is not None and not os.path.exists(data_file):
+      raise CheckpointError(f"Checkpoint step {step} in {self.directory} was saved by a different number of "
+                            "processes; resume it with as many processes as saved it (jaxcollab.load reads it "
+                            "anywhere).")
+    shardings = state_tree(run.shardings)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
+    args = {STATE: ocp.args.StandardRestore(abstract)}
+    if train_iter is not None:
+      args[DATA] = grain.checkpoint.CheckpointRestore(train_iter)
+    try:
+      tree = self.manager.restore(step, args=ocp.args.Composite(**args))[STATE]
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable files.
+      raise CorruptCheckpointError(f"Checkpoint step {step} in {self.directory} could not be read "
+                                   f"({_first_line(e)})") from e
+    self.last_saved = step
+    last = meta.get("last_eval") or {}
+    self.eval_step, self.eval_metrics = last.get("step", -1), dict(last.get("metrics", {}))
+    return run.state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
+                             batch_stats=tree.get("batch_stats", {}), rng=tree["rng"])
+
+  def record_eval(self, step: int, metrics: dict[str, float]) -> None:
+    """Remembers the newest evaluation for the metadata and the best-step bookkeeping."""
+    self.eval_step, self.eval_metrics = step, dict(metrics)
+
+  def preempted(self, step: int) -> bool:
+    """True once SIGTERM/SIGINT arrived (on several hosts: once all reach jax's preemption sync step)."""
+    return self._stop_signal is not None or self.manager.reached_preemption(step)
+
+  @property
+  def stop_reason(self) -> str:
+    return signal.Signals(self._stop_signal).name if self._stop_signal else "a preemption notice"
+
+  def due(self, step: int) -> bool:
+    """Whether `checkpoint.every` asks for a save at `step`."""
+    return step % self.config.checkpoint.every == 0
+
+  def save(self, step: int, state, train_iter) -> None:
+    """Starts writing `step` in the background (once per step); raises if an earlier write failed."""
+    if step == self.last_saved:
+      return
+    evaluated = self.eval_step == step
+    meta = {
+        "step": step, "eval": self.eval_metrics if evaluated else {},
+        "last_eval": {"step": self.eval_step, "metrics": self.eval_metrics} if self.eval_step >= 0 else None,
+        "dataset": self.dataset_info, "mesh": self.mesh_shape, "devices": jax.device_count(),
+        "processes": jax.process_count(), "platform": jax.devices()[0].platform, "versions": dict(_versions()),
+    }
+    args = {STATE: ocp.args.StandardSave(state_tree(state)),
+            CONFIG: ocp.args.JsonSave(json.loads(config_lib.to_json(self.config))),
+            META: ocp.args.JsonSave(meta)}
+    if train_iter is not None:
+      args[DATA] = grain.checkpoint.CheckpointSave(train_iter)  # Its position is read now, synchronously.
+    metric = self.config.checkpoint.best_metric
+    metrics = {metric: self.eval_metrics[metric]} if metric and evaluated else None
+    try:
+      self.manager.wait_until_finished()  # Surfaces a failed earlier write before starting this one.
+      self._writing = step
+      self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+      if not self.config.checkpoint.async_save:
+        self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(e) from e
+    self.last_saved = step
+
+  def _write_error(self, e: BaseException) -> CheckpointError:
+    return CheckpointError(f"Writing checkpoint step {self._writing} to {self.directory} failed ({_first_line(e)}); "
+                           "check free disk space and permissions, then rerun the same command to resume from the "
+                           "last finished step.")
+
+  def close(self, raise_errors: bool = True) -> None:
+    """Waits for background writes, reports their errors, and puts the signal handlers back."""
+    try:
+      self.manager.wait_until_finished()
+      self._empty_trash()
+    except Exception as e:  # pylint: disable=broad-except
+      if raise_errors:
+        raise self._write_error(e) from e
+      logging.error("%s", self._write_error(e))
+    finally:
+      self.manager.close()
+      for sig, handler in self._handlers.items():
+        signal.signal(sig, handler)
+      self._handlers = {}
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+
+  import jaxcollab  # pylint: disable=g-import-not-at-top
+
+  out = {"jaxcollab": jaxcollab.__version__}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy"):
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = "?"
+  return out
 
 
 # ---- Reading a checkpoint back outside training ------------------------------------------------
@@ -236,7 +355,7 @@ def _item_metadata(manager: ocp.CheckpointManager, step: int, where: str) -> PyT
 
 @dataclasses.dataclass(frozen=True)
 class StepRef:
-  """One finished step: its checkpoints directory and number."""
+  """One finished step: its checkpoints directory, number, and the other steps available."""
 
   directory: str
   step: int
@@ -247,22 +366,29 @@ class StepRef:
     return os.path.join(self.directory, str(self.step))
 
 
+def finished_steps(directory: str) -> tuple[int, ...]:
+  """Steps that orbax finalized (no temporary directories) and that carry orbax's step metadata."""
+  if not os.path.isdir(directory):
+    return ()
+  steps = ocp.utils.checkpoint_steps(directory)
+  return tuple(sorted(s for s in steps if os.path.isfile(os.path.join(directory, str(s), "_CHECKPOINT_METADATA"))))
+
+
 def resolve(path: str, step: int | None = None) -> StepRef:
   """A workdir, its checkpoints/ directory or one step directory -> the step to read."""
   if not os.path.exists(path):
     raise CheckpointError(f"Checkpoint path {path!r} does not exist; pass a workdir, its checkpoints/ "
                           "directory or one step directory.")
   path = os.path.abspath(path)
+  directory = path
   if os.path.isdir(os.path.join(path, "checkpoints")):
     directory = os.path.join(path, "checkpoints")
-  elif os.path.isdir(os.path.join(path, STATE)) and os.path.basename(path).isdigit():
+  elif os.path.basename(path).isdigit() and os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA")):
     directory, own = os.path.dirname(path), int(os.path.basename(path))
     if step is not None and step != own:
       raise CheckpointError(f"{path!r} is step {own}, not step {step}; pass its workdir to choose another step.")
     step = own
-  else:
-    directory = path
-  steps = tuple(sorted(_manager(directory, read_only=True).all_steps())) if os.path.isdir(directory) else ()
+  steps = finished_steps(directory)
   if not steps:
     raise CheckpointError(f"{path!r} holds no finished checkpoint; pass a workdir that `jaxcollab train` wrote "
                           "(with a checkpoints/ directory) or one of its step directories.")
@@ -274,40 +400,74 @@ def resolve(path: str, step: int | None = None) -> StepRef:
   return StepRef(directory, step, steps)
 
 
-def _read_json(ref: StepRef, item: str) -> dict:
-  file = os.path.join(ref.path, item, "metadata")
+@contextlib.contextmanager
+def _reading(ref: StepRef):
+  """Ends a damaged step's error with the steps a reader can pick instead."""
+  try:
+    yield
+  except CorruptCheckpointError as e:
+    others = ", ".join(str(s) for s in ref.steps if s != ref.step)
+    raise CorruptCheckpointError(f"{e}; pick another step with --step ({others})." if others else
+                                 f"{e}; it is the only step in {ref.directory}.") from e
+
+
+def _read_json(step_dir: str, step: int, item: str) -> dict:
+  file = os.path.join(step_dir, item, "metadata")
   try:
     with open(file) as f:
       return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise CorruptCheckpointError(f"Checkpoint step {ref.step} has no readable {item} file {file} "
-                                 f"({_first_line(e)}); it was not written by jaxcollab or is damaged.") from e
+  except (OSError, ValueError) as e:  # ValueError: invalid JSON or invalid UTF-8.
+    raise CorruptCheckpointError(f"Checkpoint step {step} has no readable {item} file {file} "
+                                 f"({_first_line(e)}); it was not written by jaxcollab or is damaged") from e
 
 
 def read_config(ref: StepRef) -> ConfigDict:
   """The config a step was trained with."""
-  return config_lib.from_json(json.dumps(_read_json(ref, CONFIG)))
+  return config_lib.from_json(json.dumps(_read_json(ref.path, ref.step, CONFIG)))
 
 
 def read_meta(ref: StepRef) -> dict:
-  """Step, eval metrics, dataset info and versions saved with a step."""
-  return _read_json(ref, META)
+  """Step, eval metrics, dataset, mesh, devices and versions saved with a step."""
+  return _read_json(ref.path, ref.step, META)
 
 
-def read_state_metadata(ref: StepRef) -> PyTree:
+def read_state_metadata(step_dir: str, step: int) -> PyTree:
   """The saved state's tree of array metadata (shape, dtype), without reading any array."""
-  return _item_metadata(_manager(ref.directory, read_only=True), ref.step, ref.path)
-
-
-def read_state_numpy(ref: StepRef) -> dict[str, PyTree]:
-  """The whole saved state as numpy arrays on the host, whatever mesh it was saved from."""
-  meta = read_state_metadata(ref)
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
+  handler = ocp.PyTreeCheckpointHandler()
   try:
-    return ocp.StandardCheckpointer().restore(os.path.join(ref.path, STATE), target)
+    return handler.metadata(epath.Path(step_dir) / STATE).tree
+  except Exception as e:  # A damaged _METADATA gives a decoding error or an empty tree.
+    raise CorruptCheckpointError(f"Checkpoint step {step} in {os.path.dirname(step_dir)} is damaged: file "
+                                 f"{step}/{STATE}/_METADATA cannot be read ({_first_line(e)})") from e
+  finally:
+    handler.close()
+
+
+def read_state_numpy(ref: StepRef, keys: tuple[str, ...] | None = None, verified: bool = False) -> dict[str, PyTree]:
+  """The saved state (or its `keys` subtrees) as numpy arrays, whatever mesh it was saved from.
+
+  The same few orbax calls as the README's recipe for reading a checkpoint without jaxcollab.
+  """
+  if not verified:
+    verify(ref.path, ref.step)
+  tree = read_state_metadata(ref.path, ref.step)
+  if keys is not None:
+    tree = {k: tree[k] for k in keys if k in tree}
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.restore(epath.Path(ref.path) / STATE, args=ocp.args.PyTreeRestore(
+        item=tree, restore_args=as_numpy, partial_restore=keys is not None))
   except Exception as e:
-    raise CorruptCheckpointError(
-        f"Checkpoint step {ref.step} at {ref.path} could not be read ({_first_line(e)}); it is damaged.") from e
+    raise CorruptCheckpointError(f"Checkpoint step {ref.step} in {ref.directory} could not be read "
+                                 f"({_first_line(e)})") from e
+  finally:
+    handler.close()
+
+
+def _model_part(tree: PyTree) -> dict[str, PyTree]:
+  """What defines the model: parameters and BatchNorm statistics."""
+  return {k: tree[k] for k in ("params", "batch_stats") if k in tree}
 
 
 def load(path: str, step: int | None = None):
@@ -315,13 +475,15 @@ def load(path: str, step: int | None = None):
   from jaxcollab import data, models  # pylint: disable=g-import-not-at-top
 
   ref = resolve(path, step)
-  config = read_config(ref)
-  info = data.DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in read_meta(ref)["dataset"].items()})
-  model = models.build(config, info)
-  saved = read_state_numpy(ref)
-  expected = jax.eval_shape(lambda: _init_variables(model, info, config.seed))
-  check_structure(_model_part(saved), {k: v for k, v in expected.items() if k in ("params", "batch_stats")}, ref.path)
-  variables = jax.device_put(_model_part(saved))
+  with _reading(ref):
+    verify(ref.path, ref.step)
+    config = read_config(ref)
+    meta = read_meta(ref)
+    info = data.DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["dataset"].items()})
+    model = models.build(config, info)
+    expected = _model_part(jax.eval_shape(lambda: _init_variables(model, info, config.seed)))
+    check_structure(_model_part(read_state_metadata(ref.path, ref.step)), expected, ref.path)
+    variables = jax.device_put(read_state_numpy(ref, keys=("params", "batch_stats"), verified=True))
   return model, variables, config
 
 
@@ -335,54 +497,63 @@ def _init_variables(model, info, seed: int) -> PyTree:
 
 
 def init_from(state, path: str):
-  """Copies the parameters of another run that match by path and shape; logs what was and was not loaded."""
+  """Copies another run's parameters (and BatchNorm statistics) that match by path and shape; logs the rest."""
   ref = resolve(path)
-  source = read_state_numpy(ref)["params"]
-  missing, unexpected, mismatched = structure_diff(source, state.params)
-  skipped = set(missing) | {m.split(" ")[0] for m in mismatched}
+  with _reading(ref):
+    source = read_state_numpy(ref, keys=("params", "batch_stats"))
   flat_source = dict(_flat_leaves(source))
-  loaded = []
-
-  def take(name, target):
-    if name in skipped:
-      return target
-    loaded.append(name)
-    return jax.device_put(np.asarray(flat_source[name], target.dtype), target.sharding)
-
-  params = jax.tree_util.tree_unflatten(
-      jax.tree.structure(state.params), [take(n, x) for n, x in _flat_leaves(state.params)])
-  logging.warning(
-      "init_from %s (step %d): loaded %d parameter arrays; kept the fresh initialisation for %d (%s); "
-      "ignored %d from the source (%s).", ref.path, ref.step, len(loaded), len(skipped),
-      ", ".join(sorted(skipped)) or "none", len(unexpected), ", ".join(unexpected) or "none")
-  return state.replace(params=params)
+  target = _model_part({"params": state.params, "batch_stats": state.batch_stats})
+  missing, unexpected, mismatched = structure_diff(source, target)
+  kept = sorted(set(missing) | {m.split(" ")[0] for m in mismatched})
+  leaves = [x if n in kept else jax.device_put(np.asarray(flat_source[n], x.dtype), x.sharding)
+            for n, x in _flat_leaves(target)]
+  if len(kept) == len(leaves):
+    raise CheckpointError(f"--config.init_from={path} shares no parameter (same path and shape) with this model; "
+                          "point it at a run of the same architecture.")
+  loaded = jax.tree_util.tree_unflatten(jax.tree.structure(target), leaves)
+  log = logging.warning if kept or unexpected else logging.info
+  log("init_from %s (step %d): loaded %d of %d arrays; kept the fresh initialisation of %d (%s); ignored %d "
+      "source arrays (%s).", ref.path, ref.step, len(leaves) - len(kept), len(leaves), len(kept),
+      _listing("missing or reshaped", kept) or "none", len(unexpected), ", ".join(unexpected[:8]) or "none")
+  return state.replace(params=loaded["params"], batch_stats=loaded.get("batch_stats", {}))
 
 
 def _flat_leaves(tree: PyTree) -> list[tuple[str, Any]]:
-  names = list(_paths(tree))
-  return list(zip(names, jax.tree.leaves(tree)))
+  return list(zip(_paths(tree), jax.tree.leaves(tree)))
 
 
 def describe(path: str, step: int | None = None) -> dict[str, Any]:
-  """What `jaxcollab inspect` shows: steps, config, metadata, metrics and the parameter tree."""
+  """What `jaxcollab inspect` shows: steps, config, metadata, metrics and the array tree."""
+  from jaxcollab import metrics  # pylint: disable=g-import-not-at-top
+
   ref = resolve(path, step)
-  meta = read_state_metadata(ref)
-  params = []
-  for name, leaf in _flat_leaves(meta):
+  try:
+    verify(ref.path, ref.step, contents=False)  # Sizes only: cheap; restoring checks every byte.
+    integrity = "complete (file sizes match; contents are checked when restored)"
+  except CorruptCheckpointError as e:
+    integrity = str(e)
+  with _reading(ref):
+    tree, config, meta = read_state_metadata(ref.path, ref.step), _read_json(ref.path, ref.step, CONFIG), read_meta(ref)
+  arrays, totals = [], {}
+  for name, leaf in _flat_leaves(tree):
     shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
     count = int(np.prod(shape, dtype=np.int64))
-    params.append({"path": name, "shape": list(shape), "dtype": dtype.name, "count": count,
+    arrays.append({"path": name, "shape": list(shape), "dtype": dtype.name, "count": count,
                    "bytes": count * dtype.itemsize})
+    total = totals.setdefault(name.split("/")[0], {"arrays": 0, "count": 0, "bytes": 0})
+    total["arrays"] += 1
+    total["count"] += count
+    total["bytes"] += count * dtype.itemsize
   workdir = os.path.dirname(ref.directory)
-  rows = []
-  metrics_file = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(metrics_file):
-    with open(metrics_file) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+  rows = metrics.read_metrics(workdir) if os.path.isfile(os.path.join(workdir, metrics.METRICS_FILE)) else []
+  last = {}
+  for row in rows:
+    last[row.get("split")] = row
   return {
       "directory": ref.directory, "steps": list(ref.steps), "step": ref.step,
-      "config": _read_json(ref, CONFIG), "meta": read_meta(ref), "arrays": params,
-      "param_count": sum(p["count"] for p in params if p["path"].startswith("params/")),
-      "total_bytes": sum(p["bytes"] for p in params),
-      "metrics_tail": rows[-5:],
+      "config": config, "meta": meta,
+      "integrity": integrity, "arrays": arrays, "totals": totals,
+      "param_count": totals.get("params", {}).get("count", 0),
+      "total_bytes": sum(t["bytes"] for t in totals.values()),
+      "metrics": {"at_step": [r for r in rows if r.get("step") == ref.step], "last": list(last.values())},
   }
