@@ -33,7 +33,8 @@ class Evaluator:
     def eval_step(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
       variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
       x = batch["image"] if "image" in batch else batch["inputs"]
-      logits = apply_fn(variables, x, train=False)
+      with sharding.activation_context(run.mesh, run.rules):  # Resolves the models' activation constraints.
+        logits = apply_fn(variables, x, train=False)
       mask = batch["mask"]
       sums = {"loss": jnp.sum(loss_fn(logits, batch) * mask), "count": jnp.sum(mask)}
       if classes:

@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
   dist.add_argument("--num_processes", type=int, default=_env_int("JAX_NUM_PROCESSES"), help="processes in the run")
   dist.add_argument("--process_id", type=int, default=_env_int("JAX_PROCESS_ID"), help="this process, 0..num_processes-1")
   dist.add_argument("--distributed", action="store_true", help="join a cluster JAX detects itself (SLURM, TPU pods)")
-  dist.add_argument("--init_timeout", type=int, default=300, help="seconds to wait for the other processes")
+  dist.add_argument("--init_timeout", type=int, default=300,
+                    help="seconds to wait for the coordinator and the other processes before exiting with code 2")
 
   ev = sub.add_parser("eval", allow_abbrev=False, help="re-evaluate a saved step on its eval split",
                       description="Evaluate the newest (or --step N) checkpoint of a workdir on its eval split.")
@@ -62,13 +63,20 @@ def _env_int(name: str) -> int | None:
 def _train(args, overrides: list[str]) -> None:
   from jaxcollab import config as config_lib, sharding, train  # pylint: disable=g-import-not-at-top
 
-  if args.distributed or args.coordinator_address or args.num_processes:
+  # Before anything touches a device: jax.distributed must start before the backends do.
+  if args.distributed or args.coordinator_address or args.num_processes is not None or args.process_id is not None:
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, args.init_timeout)
+    sharding.check_same_across_processes(os.path.abspath(args.workdir), "--workdir")
   config = config_lib.apply_overrides(config_lib.load_experiment(args.config), overrides)
   start = time.perf_counter()
   result = train.train_and_evaluate(config, args.workdir)
-  summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
-  print(f"Final evaluation: {summary} ({time.perf_counter() - start:.0f} s); results in {args.workdir}")
+  if not result:  # Stopped by a signal; train_and_evaluate has said where it saved.
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.process_index() == 0:
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+    print(f"Final evaluation: {summary} ({time.perf_counter() - start:.0f} s); results in {args.workdir}")
 
 
 def _eval(args) -> None:
@@ -85,17 +93,29 @@ def _inspect(args) -> None:
   if args.json:
     print(json.dumps(info, indent=2))
     return
+  meta, config = info["meta"], info["config"]
   print(f"{info['directory']}: steps {', '.join(map(str, info['steps']))}; showing step {info['step']}")
-  meta = info["meta"]
-  print(f"eval at this step: {meta.get('eval') or '-'}; versions: {meta.get('versions')}")
-  model, data = info["config"]["model"], info["config"]["dataset"]
-  print(f"model {model['name']} on {data['name']}; {info['param_count']:,} parameters; "
-        f"{info['total_bytes'] / 2**20:.1f} MiB of state")
-  width = max(len(a["path"]) for a in info["arrays"])
-  for a in info["arrays"]:
-    print(f"  {a['path']:<{width}}  {str(tuple(a['shape'])):>18}  {a['dtype']:>8}  {a['count']:>12,}  {a['bytes']:>12,} B")
-  for row in info["metrics_tail"]:
+  print(f"model {config['model']['name']} on {config['dataset']['name']}, seed {config['seed']}; saved on "
+        f"{meta.get('devices')} {meta.get('platform')} device(s), {meta.get('processes')} process(es), mesh "
+        f"{meta.get('mesh')}")
+  last = meta.get("last_eval")
+  if meta.get("eval"):
+    print(f"eval at this step: {meta['eval']}")
+  else:
+    print(f"eval: none at this step; newest: step {last['step']} {last['metrics']}" if last else "eval: none yet")
+  print(f"files: {info['integrity']}")
+  print("versions: " + ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items()))
+  totals = "; ".join(f"{k} {t['count']:,} values in {t['arrays']} arrays, {t['bytes'] / 2**20:.2f} MiB"
+                     for k, t in sorted(info["totals"].items(), key=lambda kv: kv[0] != "params"))
+  print(f"{info['param_count']:,} parameters; state: {totals}")
+  shown = [a for a in info["arrays"] if a["path"].split("/")[0] in ("params", "batch_stats")]
+  width = max((len(a["path"]) for a in shown), default=0)
+  for a in shown:
+    print(f"  {a['path']:<{width}}  {str(tuple(a['shape'])):>16}  {a['dtype']:>8}  {a['count']:>12,}  "
+          f"{a['bytes']:>13,} B")
+  for row in info["metrics"]["at_step"] or info["metrics"]["last"]:
     print("  metrics:", json.dumps(row))
+  print("(--json gives every array, optimizer state included, and the full config)")
 
 
 def main(argv: list[str] | None = None) -> int:

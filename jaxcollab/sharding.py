@@ -1,29 +1,39 @@
-"""Meshes, logical-axis rules and shardings: where every array of a run lives.
+"""Meshes, logical-axis rules and shardings: where every array of a run lives, on one host or many.
 
 Models name their parameter axes ("embed", "mlp", "heads", ...); one rule table
 (`config.mesh.rules`) maps those names to the mesh axes `data`, `fsdp`, `tensor`.
+Everything a layout can get wrong (sizes, divisibility, the process split) is checked
+here before anything compiles, and raises `UserError` with one sentence.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
-from typing import Any, Callable, Sequence
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.experimental.mesh_utils
+import jax.experimental.multihost_utils
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxcollab.config import ConfigDict, UserError
 
 PyTree = Any
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # The batch is split over both: FSDP is data parallel too.
 
 
-def parse_rules(rules: Sequence[Sequence[str]]) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+def parse_rules(rules: Sequence[Sequence[str]]) -> Rules:
   """Config rules ("batch", "data,fsdp") -> flax rules ("batch", ("data", "fsdp")); "" replicates."""
   out = []
   for item in rules:
@@ -69,7 +79,8 @@ def make_mesh(mesh_config: ConfigDict, devices: Sequence[jax.Device] | None = No
   sizes = mesh_shape(mesh_config, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
   if devices == list(jax.devices()):
-    # create_device_mesh orders devices so that neighbouring mesh positions share fast links.
+    # Neighbouring positions on the last axes share the fastest links: tensor within a host or a
+    # TPU ring, data across hosts.
     grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
   else:
     grid = np.array(devices).reshape(shape)
@@ -82,23 +93,71 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch(global_batch: int, mesh: Mesh, key: str = "train.batch_size") -> None:
-  """The global batch must split evenly over processes and over data x fsdp devices."""
+  """The global batch must split evenly over data x fsdp devices, and into one block per process."""
   ways = mesh.shape["data"] * mesh.shape["fsdp"]
   if global_batch % ways:
     raise UserError(
         f"{key}={global_batch} is not divisible by mesh data*fsdp={ways}; "
         f"use a multiple of {ways} or change the mesh."
     )
-  if global_batch % jax.process_count():
-    raise UserError(f"{key}={global_batch} is not divisible by the {jax.process_count()} processes.")
+  processes = len({d.process_index for d in mesh.devices.flat})
+  if processes == 1:
+    return  # A mesh on this process's devices alone (one host, or a local evaluation).
+  if global_batch % processes:
+    raise UserError(f"{key}={global_batch} is not divisible by the {processes} processes; "
+                    f"use a multiple of {processes}.")
+  start, stop = process_rows(mesh, global_batch)
+  if stop - start != global_batch // processes:
+    # Each process reads only its own 1/processes of the data (grain sharding by process).
+    raise UserError(
+        f"Process {jax.process_index()} holds {stop - start} of the {global_batch} rows of {key}, but each of the "
+        f"{processes} processes reads {global_batch // processes}; keep mesh.tensor within one host (at most "
+        "its local device count) so that data*fsdp spans the processes."
+    )
 
 
-def check_divisible(dims: dict[str, int], mesh: Mesh) -> None:
-  """Model widths that the tensor axis splits (heads, mlp) must divide evenly."""
-  t = mesh.shape["tensor"]
-  for name, value in dims.items():
-    if value % t:
-      raise UserError(f"{name}={value} is not divisible by mesh.tensor={t}; choose a tensor size that divides it.")
+def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+  """[start, stop) of the global batch rows that this process's devices hold."""
+  indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values()
+  rows = sorted({idx[0].indices(global_batch)[:2] for idx in indices})
+  start, stop = rows[0][0], rows[-1][1]
+  if sum(b - a for a, b in rows) != stop - start:
+    raise UserError(f"This mesh gives process {jax.process_index()} non-contiguous batch rows {rows}; "
+                    "order the devices so that each process holds one block of the data*fsdp axes.")
+  return start, stop
+
+
+def check_params(param_specs: PyTree, abstract_params: PyTree, mesh: Mesh, rules: Rules,
+                 hints: dict[str, str] | None = None) -> None:
+  """Every sharded parameter axis must divide evenly over the mesh axes its logical name maps to."""
+  hints = hints or {}
+  specs = jax.tree_util.tree_flatten_with_path(param_specs, is_leaf=lambda x: isinstance(x, P))[0]
+  shapes = jax.tree.leaves(abstract_params)
+  for (path, logical), leaf in zip(specs, shapes):
+    physical = nn.logical_to_mesh_axes(tuple(logical), rules)
+    for name, axes, size in zip(logical, physical, leaf.shape):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      ways = math.prod(mesh.shape[a] for a in axes)
+      if size % ways:
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        split = "*".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+        key = f" ({hints[name]})" if name in hints else ""
+        raise UserError(
+            f"Parameter {where} has size {size} on its {name!r} axis{key}, which {split} cannot split evenly; "
+            f"choose a size divisible by {ways}, other mesh sizes, or map {name!r} to '' in mesh.rules."
+        )
+
+
+def check_same_across_processes(value: str, what: str) -> None:
+  """Every process must run with the same `value` (config, workdir); a mismatch would hang later, not fail."""
+  if jax.process_count() == 1:
+    return
+  digest = np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8)
+  digests = np.asarray(jax.experimental.multihost_utils.process_allgather(digest))
+  differ = [i for i in range(len(digests)) if not np.array_equal(digests[i], digests[0])]
+  if differ:
+    raise UserError(f"{what} differs between process 0 and process(es) {differ}; start every process with the "
+                    "same command line (same experiment, --config overrides and --workdir).")
 
 
 def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -111,16 +170,14 @@ def logical_specs(abstract_boxed: PyTree) -> PyTree:
   return nn.get_partition_spec(abstract_boxed)
 
 
-def state_specs(abstract_state: PyTree, param_specs: PyTree, tx: optax.GradientTransformation) -> PyTree:
+def state_specs(abstract_state: PyTree, param_specs: PyTree) -> PyTree:
   """Logical specs for a TrainState: optimizer moments follow their parameters, the rest replicates."""
-  opt_specs = optax.tree_map_params(
-      tx,
-      lambda _, spec: spec,
-      abstract_state.opt_state,
-      param_specs,
-      transform_non_params=lambda _: P(),
-      is_leaf=lambda x: isinstance(x, P),
-  )
+  params = jax.tree.structure(abstract_state.params)
+  like_params = lambda node: jax.tree.structure(node) == params
+  # Every subtree of the optimizer state shaped like the parameters (Adam's mu and nu, momentum,
+  # accumulated gradients) is sharded like them; counters and the like are replicated scalars.
+  opt_specs = jax.tree.map(lambda node: param_specs if like_params(node) else P(), abstract_state.opt_state,
+                           is_leaf=like_params)
   replicated = lambda tree: jax.tree.map(lambda _: P(), tree)
   return abstract_state.replace(
       step=P(),
@@ -131,7 +188,7 @@ def state_specs(abstract_state: PyTree, param_specs: PyTree, tx: optax.GradientT
   )
 
 
-def to_shardings(specs: PyTree, mesh: Mesh, rules) -> PyTree:
+def to_shardings(specs: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
   """Logical specs -> NamedShardings on `mesh` through the rule table."""
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
@@ -141,24 +198,93 @@ def create_sharded(init_fn: Callable[[], PyTree], shardings: PyTree) -> PyTree:
   return jax.jit(init_fn, out_shardings=shardings)()
 
 
-def initialize_distributed(
-    coordinator: str | None, num_processes: int | None, process_id: int | None, timeout_s: int = 120
-) -> None:
-  """Joins a multi-process run; with no arguments JAX detects SLURM/TPU/MPI clusters itself."""
-  if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
-    raise UserError(f"--process_id={process_id} is out of range for --num_processes={num_processes}; use 0..{num_processes - 1}.")
+@contextlib.contextmanager
+def activation_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Scope in which the models' `nn.with_logical_constraint` calls resolve; enter it while tracing."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes.
+
+
+def _split_address(address: str) -> tuple[str, int]:
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise UserError(f"--coordinator_address {address!r} must be HOST:PORT, e.g. 10.0.0.1:1234.")
+  return host.strip("[]"), int(port)
+
+
+def _wait_for_port(address: str, deadline: float) -> bool:
+  """True once something accepts TCP connections at `address`, False at the deadline."""
+  host, port = _split_address(address)
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+        return True
+    except OSError:
+      if time.monotonic() >= deadline:
+        return False
+      time.sleep(0.25)
+
+
+def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
+                           timeout_s: int = 300) -> None:
+  """Joins a multi-process run; with no arguments JAX detects SLURM/TPU/MPI clusters itself.
+
+  JAX aborts the process (C++ LOG(FATAL)) when the other processes do not join in time, so a
+  watchdog gives up first with a sentence and exit code 2; jax's own timeout is the backstop.
+  """
   if num_processes is not None and num_processes < 1:
     raise UserError(f"--num_processes must be >= 1, got {num_processes}.")
+  if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+    raise UserError(f"--process_id={process_id} is out of range for --num_processes={num_processes}; "
+                    f"use 0..{num_processes - 1}.")
+  if process_id is not None and process_id < 0:
+    raise UserError(f"--process_id must be >= 0, got {process_id}.")
+  if timeout_s <= 0:
+    raise UserError(f"--init_timeout must be a positive number of seconds, got {timeout_s}.")
+  me = f"process {process_id} of {num_processes}" if process_id is not None else "this process"
+  deadline = time.monotonic() + timeout_s
+  if coordinator and process_id:  # Process 0 starts the coordinator service itself.
+    if not _wait_for_port(coordinator, deadline):
+      raise UserError(f"Could not reach the coordinator at {coordinator} within {timeout_s} s ({me}); start "
+                      "process 0 there, check the address, port and firewall, or raise --init_timeout.")
+  # Collectives between CPU devices of different processes (tests, CPU clusters); GPUs/TPUs use NCCL/ICI.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  lock, joined = threading.Lock(), threading.Event()
+
+  def give_up() -> None:
+    with lock:
+      if joined.is_set():
+        return
+      where = f"coordinator {coordinator}" if coordinator else "the coordinator JAX detected"
+      count = f"all {num_processes}" if num_processes else "all"
+      sys.stderr.write(
+          f"jaxcollab: error: Not {count} processes joined at {where} within {timeout_s} s "
+          f"({me}); start every process with the same --coordinator_address and --num_processes, or raise "
+          "--init_timeout.\n")
+      sys.stderr.flush()
+      os._exit(2)  # jax.distributed.initialize cannot be interrupted from Python.
+
+  watchdog = threading.Timer(max(deadline - time.monotonic(), 0.0), give_up)
+  watchdog.daemon = True
+  watchdog.start()
   try:
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=num_processes,
         process_id=process_id,
-        initialization_timeout=timeout_s,
+        initialization_timeout=timeout_s + 60,
     )
   except Exception as e:  # jax raises several types (RuntimeError, XlaRuntimeError, ValueError).
+    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise UserError(
-        f"Could not join the distributed run at coordinator {coordinator!r} within {timeout_s} s ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}); check the address, port and that every process was started."
+        f"Could not join a distributed run ({detail}); pass --coordinator_address, --num_processes and "
+        "--process_id, or run under SLURM or on a TPU pod where JAX detects them."
     ) from e
+  finally:
+    with lock:
+      joined.set()
+    watchdog.cancel()

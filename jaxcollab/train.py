@@ -112,22 +112,34 @@ class Run:
     return sharding.create_sharded(self.init_fn, self.shardings)
 
 
+# Config keys behind each model's logical axis names, named when a mesh cannot split that axis.
+_AXIS_KEYS = {
+    "gpt": {"heads": "model.num_heads", "mlp": "model.mlp_dim", "embed": "model.embed_dim",
+            "vocab": "the vocabulary size"},
+    "cnn": {"conv_out": "model.features", "hidden": "model.dense", "embed": "the flattened conv features"},
+    "mlp": {"hidden": "model.hidden", "embed": "the flattened image size"},
+    "resnet": {"conv_out": "model.width times the stage multipliers"},
+}
+
+
 def build(config: ConfigDict, devices: list[jax.Device] | None = None) -> Run:
-  """Validates the config, then makes the dataset, model, mesh and abstract sharded state."""
+  """Validates the config and layout, then makes the dataset, model, mesh and abstract sharded state.
+
+  Nothing compiles here: every impossible layout is a `UserError` before the first jit.
+  """
   config = config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.parse_rules(config.mesh.rules)
   sharding.check_batch(config.train.batch_size, mesh)
   sharding.check_batch(config.train.eval_batch_size, mesh, key="train.eval_batch_size")
+  if len({d.process_index for d in mesh.devices.flat}) > 1:
+    sharding.check_same_across_processes(config_lib.to_json(config), "The config")
   dataset = data.get_dataset(config)
   model = models.build(config, dataset.info)
-  if config.model.name == "gpt":
-    dims = models.gpt_dims(config.model)
-    sharding.check_divisible({"model.num_heads": dims["num_heads"], "model.mlp_dim": dims["mlp_dim"]}, mesh)
   tx, lr_fn = optim.make_optimizer(config.optimizer, config.train.steps)
   accumulate = config.optimizer.accumulate_steps
   loss_fn = losses.get_loss(config.loss)
-  sample = jax.tree.map(lambda x: jnp.zeros((1,) + x.shape[1:], x.dtype), example_batch(dataset.info))
+  sample = example_batch(dataset.info)  # numpy: building a run compiles nothing.
 
   def boxed_variables():
     return model.init({"params": jax.random.PRNGKey(config.seed)}, model_input(sample), train=False)
@@ -149,7 +161,8 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None) -> Run:
 
   param_specs = sharding.logical_specs(jax.eval_shape(boxed_variables))["params"]
   abstract = jax.eval_shape(init_fn)
-  shardings = sharding.to_shardings(sharding.state_specs(abstract, param_specs, tx), mesh, rules)
+  sharding.check_params(param_specs, abstract.params, mesh, rules, _AXIS_KEYS.get(config.model.name))
+  shardings = sharding.to_shardings(sharding.state_specs(abstract, param_specs), mesh, rules)
   return Run(config, dataset, model, mesh, rules, abstract, shardings, init_fn)
 
 
@@ -164,8 +177,13 @@ def example_batch(info: data.DatasetInfo) -> dict[str, np.ndarray]:
 
 def jit_train_step(run: Run) -> Callable:
   """`train_step` compiled once with the run's shardings, donating the old state."""
+
+  def step(state: TrainState, batch: dict[str, jax.Array]):
+    with sharding.activation_context(run.mesh, run.rules):  # Where the models' activation constraints resolve.
+      return train_step(state, batch)
+
   return jax.jit(
-      train_step,
+      step,
       in_shardings=(run.shardings, sharding.batch_sharding(run.mesh)),
       out_shardings=(run.shardings, None),
       donate_argnums=0,
@@ -219,44 +237,50 @@ class StepLogger:
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` into `workdir` (resuming if it has checkpoints); returns the final eval metrics."""
+  """Trains `config` into `workdir` (resuming if it has checkpoints); returns the final eval metrics.
+
+  Returns {} when SIGTERM/SIGINT (or a preemption notice) stopped training early: the step reached
+  is saved, and running the same command again continues from it exactly.
+  """
   run = build(config)
   config, info = run.config, run.dataset.info
   target = config_lib.parse_target(config.train.target)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoint.Checkpointer(workdir, config, dataclasses.asdict(info))
   train_iter = run.dataset.train_iterator(
       batch_size=config.train.batch_size // jax.process_count(),
       seed=config.seed,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
   )
-  state = ckpt.restore_latest(run, train_iter)
-  if state is None:
-    state = run.init_state()
-    if config.init_from:
-      state = checkpoint.init_from(state, config.init_from)
-  start = int(jax.device_get(state.step))
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(config))
-    metrics.write_run_info(workdir, config_json=config_lib.to_json(config), mesh_shape=dict(run.mesh.shape),
-                           argv=list(sys.argv))
-  if start:
-    logging.info("Resuming from step %d in %s.", start, workdir)
-  writer = metrics.MetricWriter(workdir, enabled=is_main, resume_step=start)
-  unit = "examples_per_s" if info.kind == "image" else "tokens_per_s"
-  per_batch = config.train.batch_size * (1 if info.kind == "image" else info.seq_len)
-  progress = metrics.Progress(config.train.steps, initial=start, every=config.train.log_every, enabled=is_main)
-  logger = StepLogger(writer, progress, config, start, per_batch, unit)
-  step_fn = jit_train_step(run)
-  evaluator = evaluate.Evaluator(run)
-  batch_sharding = sharding.batch_sharding(run.mesh)
-  result: dict[str, float] = {}
-  finished = start >= config.train.steps
-  step = start
+  ckpt = checkpoint.Checkpointer(workdir, config, dataclasses.asdict(info), dict(run.mesh.shape))
+  ok = False
+  writer = progress = None
   try:
+    state = ckpt.restore_latest(run, train_iter)
+    if state is None:
+      state = run.init_state()
+      if config.init_from:
+        state = checkpoint.init_from(state, config.init_from)
+    start = int(jax.device_get(state.step))
+    if is_main:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config_lib.to_json(config))
+      metrics.write_run_info(workdir, config_json=config_lib.to_json(config), mesh_shape=dict(run.mesh.shape),
+                             argv=list(sys.argv))
+    if start:
+      logging.info("Resuming from step %d in %s.", start, workdir)
+    writer = metrics.MetricWriter(workdir, enabled=is_main, resume_step=start)
+    unit = "examples_per_s" if info.kind == "image" else "tokens_per_s"
+    per_batch = config.train.batch_size * (1 if info.kind == "image" else info.seq_len)
+    progress = metrics.Progress(config.train.steps, initial=start, every=config.train.log_every, enabled=is_main)
+    logger = StepLogger(writer, progress, config, start, per_batch, unit)
+    step_fn = jit_train_step(run)
+    evaluator = evaluate.Evaluator(run)
+    batch_sharding = sharding.batch_sharding(run.mesh)
+    finished = start >= config.train.steps
+    stopped = False
+    step = start
     while not finished:
       batch = sharding.to_global(next(train_iter), batch_sharding)
       state, step_metrics = step_fn(state, batch)
@@ -267,22 +291,35 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         logger.flush()
         result = evaluator.evaluate(state)
         writer.write(step, "eval", result)
+        ckpt.record_eval(step, result)
         if _target_met(target, result):
           logging.info("Target %r met at step %d (%s).", config.train.target, step, result)
           finished = True
-      ckpt.maybe_save(step, state, train_iter, result, force=finished)
-      if not finished and ckpt.preempted(step):
+      # Every process asks at every step: on several hosts this is jax's preemption sync point.
+      stopped = not finished and ckpt.preempted(step)
+      if finished or stopped or ckpt.due(step):
+        # Rows up to `step` reach metrics.jsonl before the step is saved, so a run killed after the
+        # save and resumed from it logs exactly the rows an uninterrupted run logs.
         logger.flush()
-        logging.warning("Stopped by a signal: saved step %d in %s; run the same command to resume.", step, workdir)
-        return result
+        ckpt.save(step, state, train_iter)
+      if stopped:
+        break
     logger.flush()
-    result = evaluator.final_report(state, workdir, write=is_main)
-    if step > start:
-      writer.write(step, "test" if info.eval_split == "test" else "eval_final", result)
+    if stopped:
+      logging.warning("Stopped by %s at step %d: checkpoint saved in %s; run the same command to resume.",
+                      ckpt.stop_reason, step, os.path.join(ckpt.directory, str(step)))
+      result = {}
+    else:
+      result = evaluator.final_report(state, workdir, write=is_main)
+      if step > start:
+        writer.write(step, "test" if info.eval_split == "test" else "eval_final", result)
+    ok = True
   finally:
-    progress.close()
-    ckpt.close()
-    writer.close()
-  if is_main:
+    if progress is not None:
+      progress.close()
+    ckpt.close(raise_errors=ok)  # Awaits background writes; after an error, only logs theirs.
+    if writer is not None:
+      writer.close()
+  if is_main and not stopped:
     metrics.plot_curves(metrics.read_metrics(workdir), os.path.join(workdir, "plots", "curves.png"))
   return result

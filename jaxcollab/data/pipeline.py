@@ -147,9 +147,10 @@ class Dataset:
       # Before the process slice, so an element's augmentation depends on its global position
       # only: the union of all processes' batches at a step does not depend on process_count.
       ds = ds.random_map(augment_lib.Augment(flip=self._flip))
-    # Process p takes global positions p, p+P, ...: step s of all processes together is
-    # positions [s*G, (s+1)*G) of the epoch's order, G the global batch.
-    ds = ds[process_index::process_count].batch(batch_size, drop_remainder=True)
+    # Process p takes the p-th contiguous block of every global batch: stacked in process order
+    # (as jax.make_array_from_process_local_data does), the blocks are exactly the single-process
+    # global batch, so the rows and their dropout masks do not depend on process_count.
+    ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
     # repeat() after batch(): indices past the first epoch reach shuffle and random_map with
     # the epoch folded in, so each epoch has a new order and new augmentations.
     return self._to_iterator(ds.repeat())

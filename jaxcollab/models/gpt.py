@@ -91,14 +91,18 @@ class CausalSelfAttention(nn.Module):
     B, L, D = x_BxLxD.shape
     H = c.num_heads
     K = D // H
-    qkv_BLx3xHxK = nn.DenseGeneral(
-        (3, H, K),
+    # nn.Einsum, not nn.DenseGeneral: DenseGeneral initialises a flat 2-D kernel and applies the
+    # 4-D logical constraint to it when logical rules are active (flax issue #3676). Same values.
+    qkv_BLx3xHxK = nn.Einsum(
+        (D, 3, H, K),
+        "nd,dthk->nthk",
         dtype=c.dtype,
         param_dtype=jnp.float32,
         kernel_init=_normal(0.02, ("embed", None, "heads", "kv")),
         bias_init=_zeros((None, "heads", "kv")),
         name="qkv",
     )(x_BxLxD.reshape(B * L, D))
+    qkv_BLx3xHxK = nn.with_logical_constraint(qkv_BLx3xHxK, ("batch", None, "heads", "kv"))
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BLx3xHxK[:, i].reshape(B, L, H, K) for i in range(3))
 
     if decode and self.has_variable("cache", "key"):
@@ -119,15 +123,16 @@ class CausalSelfAttention(nn.Module):
         self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
       out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
 
-    return nn.DenseGeneral(
-        D,
-        axis=(-2, -1),
+    out_BLxHxK = nn.with_logical_constraint(out_BxLxHxK.reshape(B * L, H, K), ("batch", "heads", "kv"))
+    return nn.Einsum(
+        (H, K, D),
+        "nhk,hkd->nd",
         dtype=c.dtype,
         param_dtype=jnp.float32,
         kernel_init=_normal(_residual_std(c), ("heads", "kv", "embed")),
         bias_init=_zeros(("embed",)),
         name="out",
-    )(out_BxLxHxK.reshape(B * L, H, K))
+    )(out_BLxHxK)
 
 
 class FeedForward(nn.Module):
@@ -147,6 +152,7 @@ class FeedForward(nn.Module):
         name=name,
     )
     h_BLxF = activations.get(c.activation)(dense(c.mlp_dim, 0.02, ("embed", "mlp"), "fc")(x_BLxD))
+    h_BLxF = nn.with_logical_constraint(h_BLxF, ("batch", "mlp"))
     return dense(c.embed_dim, _residual_std(c), ("mlp", "embed"), "proj")(h_BLxF)
 
 
@@ -160,10 +166,13 @@ class Block(nn.Module):
     c = self.config
     B, L, D = x_BxLxD.shape
     dropout = nn.Dropout(c.dropout, deterministic=not train)
-    x_BLxD = x_BxLxD.reshape(B * L, D)
+    # Activations: rows over the batch axes, width whole (the residual stream is never split).
+    x_BLxD = nn.with_logical_constraint(x_BxLxD.reshape(B * L, D), ("batch", None))
     h_BxLxD = _layer_norm(c, "ln1")(x_BLxD).reshape(B, L, D)
     x_BLxD = x_BLxD + dropout(CausalSelfAttention(c, name="attn")(h_BxLxD, decode))
+    x_BLxD = nn.with_logical_constraint(x_BLxD, ("batch", None))
     x_BLxD = x_BLxD + dropout(FeedForward(c, name="mlp")(_layer_norm(c, "ln2")(x_BLxD)))
+    x_BLxD = nn.with_logical_constraint(x_BLxD, ("batch", None))
     return x_BLxD.reshape(B, L, D)
 
 
@@ -199,7 +208,7 @@ class GPT(nn.Module):
         start = index.value
         index.value = start + L
     pos_LxD = jax.lax.dynamic_slice(pos_CxD, (start, 0), (L, D)).astype(c.dtype)
-    x_BxLxD = embed(tokens_BxL) + pos_LxD[None]
+    x_BxLxD = nn.with_logical_constraint(embed(tokens_BxL), ("batch", None, None)) + pos_LxD[None]
     x_BxLxD = nn.Dropout(c.dropout, deterministic=not train)(x_BxLxD)
 
     # Static positions count `self`: (self, x, train, decode).
@@ -219,4 +228,5 @@ class GPT(nn.Module):
           kernel_init=_normal(0.02, ("embed", "vocab")),
           name="head",
       )(x_BLxD)
+    logits_BLxV = nn.with_logical_constraint(logits_BLxV, ("batch", "vocab"))
     return logits_BLxV.reshape(B, L, c.vocab_size).astype(jnp.float32)
