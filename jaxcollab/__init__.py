@@ -5,6 +5,6 @@ __version__ = "0.1.0"
 
 def load(path: str, step: int | None = None):
   """Returns (model, variables, config) from a workdir, a checkpoint step directory or a bundle."""
-  from jaxcollab import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxcollab import reload  # pylint: disable=g-import-not-at-top
 
-  return checkpoint.load(path, step=step)
+  return reload.load(path, step=step)

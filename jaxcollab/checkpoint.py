@@ -1,4 +1,4 @@
-"""Checkpoints: orbax saving, exact resume, strict reloading and inspection of a workdir.
+"""Checkpoints during training: orbax saving, integrity checks, exact resume and the strict structure check.
 
 A step directory `WORKDIR/checkpoints/<step>/` describes itself:
   state/          the train state as a plain pytree {step, params, opt_state, [batch_stats], rng}
@@ -64,7 +64,7 @@ def state_tree(state) -> dict[str, PyTree]:
   return tree
 
 
-def _paths(tree: PyTree) -> dict[str, tuple]:
+def leaf_paths(tree: PyTree) -> dict[str, tuple]:
   """'params/Dense_0/kernel' -> shape for every leaf of a (metadata) tree."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -75,7 +75,7 @@ def _paths(tree: PyTree) -> dict[str, tuple]:
 
 def structure_diff(saved: PyTree, expected: PyTree) -> tuple[list[str], list[str], list[str]]:
   """(missing, unexpected, shape-mismatched) leaf paths between a saved and an expected tree."""
-  s, e = _paths(saved), _paths(expected)
+  s, e = leaf_paths(saved), leaf_paths(expected)
   # Parameters first: they say what changed in the model; optimizer moments only echo them.
   order = lambda paths: sorted(paths, key=lambda p: (not p.startswith("params/"), p))
   missing = order(set(e) - set(s))
@@ -84,7 +84,7 @@ def structure_diff(saved: PyTree, expected: PyTree) -> tuple[list[str], list[str
   return missing, unexpected, mismatched
 
 
-def _listing(label: str, items: list[str], limit: int = 8) -> str:
+def listing(label: str, items: list[str], limit: int = 8) -> str:
   more = f" and {len(items) - limit} more" if len(items) > limit else ""
   return f"{label}: {', '.join(items[:limit])}{more}" if items else ""
 
@@ -93,14 +93,14 @@ def check_structure(saved: PyTree, expected: PyTree, where: str) -> None:
   """Raises CheckpointError naming every missing, unexpected and mismatched path; never loads partially."""
   missing, unexpected, mismatched = structure_diff(saved, expected)
   if missing or unexpected or mismatched:
-    parts = [_listing("missing", missing), _listing("unexpected", unexpected), _listing("shape mismatch", mismatched)]
+    parts = [listing("missing", missing), listing("unexpected", unexpected), listing("shape mismatch", mismatched)]
     raise CheckpointError(
         f"The checkpoint {where} does not fit this model and optimizer ({'; '.join(p for p in parts if p)}); "
         "train with the config it was saved with, use a new --workdir, or start from its parameters with "
         "--config.init_from.")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0][:400]}" if text else type(e).__name__
 
@@ -140,7 +140,7 @@ def verify(step_dir: str, step: int, contents: bool = True) -> None:
     with open(os.path.join(step_dir, CHECKSUMS)) as f:
       expected = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise CorruptCheckpointError(f"{where} is damaged: {CHECKSUMS} is missing or unreadable ({_first_line(e)})") from e
+    raise CorruptCheckpointError(f"{where} is damaged: {CHECKSUMS} is missing or unreadable ({first_line(e)})") from e
   for rel, want in sorted(expected.items()):
     path = os.path.join(step_dir, rel)
     if not os.path.isfile(path):
@@ -246,7 +246,7 @@ class Checkpointer:
   def _restore(self, step: int, run, train_iter):
     path = os.path.join(self.directory, str(step))
     verify(path, step)
-    meta = _read_json(path, step, META)
+    meta = read_json(path, step, META)
     target = state_tree(run.state)
     check_structure(read_state_metadata(path, step), target, path)
     data_file = os.path.join(path, DATA, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
@@ -263,7 +263,7 @@ class Checkpointer:
       tree = self.manager.restore(step, args=ocp.args.Composite(**args))[STATE]
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files.
       raise CorruptCheckpointError(f"Checkpoint step {step} in {self.directory} could not be read "
-                                   f"({_first_line(e)})") from e
+                                   f"({first_line(e)})") from e
     self.last_saved = step
     last = meta.get("last_eval") or {}
     self.eval_step, self.eval_metrics = last.get("step", -1), dict(last.get("metrics", {}))
@@ -315,7 +315,7 @@ class Checkpointer:
     self.last_saved = step
 
   def _write_error(self, e: BaseException) -> CheckpointError:
-    return CheckpointError(f"Writing checkpoint step {self._writing} to {self.directory} failed ({_first_line(e)}); "
+    return CheckpointError(f"Writing checkpoint step {self._writing} to {self.directory} failed ({first_line(e)}); "
                            "check free disk space and permissions, then rerun the same command to resume from the "
                            "last finished step.")
 
@@ -350,21 +350,7 @@ def _versions() -> dict[str, str]:
   return out
 
 
-# ---- Reading a checkpoint back outside training ------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class StepRef:
-  """One finished step: its checkpoints directory, number, and the other steps available."""
-
-  directory: str
-  step: int
-  steps: tuple[int, ...]
-
-  @property
-  def path(self) -> str:
-    return os.path.join(self.directory, str(self.step))
-
+# ---- Reading step files (training's restore and jaxcollab.reload share these) ------------------
 
 def finished_steps(directory: str) -> tuple[int, ...]:
   """Steps that orbax finalized (no temporary directories) and that carry orbax's step metadata."""
@@ -374,61 +360,14 @@ def finished_steps(directory: str) -> tuple[int, ...]:
   return tuple(sorted(s for s in steps if os.path.isfile(os.path.join(directory, str(s), "_CHECKPOINT_METADATA"))))
 
 
-def resolve(path: str, step: int | None = None) -> StepRef:
-  """A workdir, its checkpoints/ directory or one step directory -> the step to read."""
-  if not os.path.exists(path):
-    raise CheckpointError(f"Checkpoint path {path!r} does not exist; pass a workdir, its checkpoints/ "
-                          "directory or one step directory.")
-  path = os.path.abspath(path)
-  directory = path
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    directory = os.path.join(path, "checkpoints")
-  elif os.path.basename(path).isdigit() and os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA")):
-    directory, own = os.path.dirname(path), int(os.path.basename(path))
-    if step is not None and step != own:
-      raise CheckpointError(f"{path!r} is step {own}, not step {step}; pass its workdir to choose another step.")
-    step = own
-  steps = finished_steps(directory)
-  if not steps:
-    raise CheckpointError(f"{path!r} holds no finished checkpoint; pass a workdir that `jaxcollab train` wrote "
-                          "(with a checkpoints/ directory) or one of its step directories.")
-  if step is None:
-    step = steps[-1]
-  if step not in steps:
-    raise CheckpointError(f"Step {step} is not among the checkpoints in {directory} (available: "
-                          f"{', '.join(map(str, steps))}); pass one of those.")
-  return StepRef(directory, step, steps)
-
-
-@contextlib.contextmanager
-def _reading(ref: StepRef):
-  """Ends a damaged step's error with the steps a reader can pick instead."""
-  try:
-    yield
-  except CorruptCheckpointError as e:
-    others = ", ".join(str(s) for s in ref.steps if s != ref.step)
-    raise CorruptCheckpointError(f"{e}; pick another step with --step ({others})." if others else
-                                 f"{e}; it is the only step in {ref.directory}.") from e
-
-
-def _read_json(step_dir: str, step: int, item: str) -> dict:
+def read_json(step_dir: str, step: int, item: str) -> dict:
   file = os.path.join(step_dir, item, "metadata")
   try:
     with open(file) as f:
       return json.load(f)
   except (OSError, ValueError) as e:  # ValueError: invalid JSON or invalid UTF-8.
     raise CorruptCheckpointError(f"Checkpoint step {step} has no readable {item} file {file} "
-                                 f"({_first_line(e)}); it was not written by jaxcollab or is damaged") from e
-
-
-def read_config(ref: StepRef) -> ConfigDict:
-  """The config a step was trained with."""
-  return config_lib.from_json(json.dumps(_read_json(ref.path, ref.step, CONFIG)))
-
-
-def read_meta(ref: StepRef) -> dict:
-  """Step, eval metrics, dataset, mesh, devices and versions saved with a step."""
-  return _read_json(ref.path, ref.step, META)
+                                 f"({first_line(e)}); it was not written by jaxcollab or is damaged") from e
 
 
 def read_state_metadata(step_dir: str, step: int) -> PyTree:
@@ -438,122 +377,11 @@ def read_state_metadata(step_dir: str, step: int) -> PyTree:
     return handler.metadata(epath.Path(step_dir) / STATE).tree
   except Exception as e:  # A damaged _METADATA gives a decoding error or an empty tree.
     raise CorruptCheckpointError(f"Checkpoint step {step} in {os.path.dirname(step_dir)} is damaged: file "
-                                 f"{step}/{STATE}/_METADATA cannot be read ({_first_line(e)})") from e
+                                 f"{step}/{STATE}/_METADATA cannot be read ({first_line(e)})") from e
   finally:
     handler.close()
 
 
-def read_state_numpy(ref: StepRef, keys: tuple[str, ...] | None = None, verified: bool = False) -> dict[str, PyTree]:
-  """The saved state (or its `keys` subtrees) as numpy arrays, whatever mesh it was saved from.
-
-  The same few orbax calls as the README's recipe for reading a checkpoint without jaxcollab.
-  """
-  if not verified:
-    verify(ref.path, ref.step)
-  tree = read_state_metadata(ref.path, ref.step)
-  if keys is not None:
-    tree = {k: tree[k] for k in keys if k in tree}
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
-    return handler.restore(epath.Path(ref.path) / STATE, args=ocp.args.PyTreeRestore(
-        item=tree, restore_args=as_numpy, partial_restore=keys is not None))
-  except Exception as e:
-    raise CorruptCheckpointError(f"Checkpoint step {ref.step} in {ref.directory} could not be read "
-                                 f"({_first_line(e)})") from e
-  finally:
-    handler.close()
-
-
-def _model_part(tree: PyTree) -> dict[str, PyTree]:
+def model_part(tree: PyTree) -> dict[str, PyTree]:
   """What defines the model: parameters and BatchNorm statistics."""
   return {k: tree[k] for k in ("params", "batch_stats") if k in tree}
-
-
-def load(path: str, step: int | None = None):
-  """(model, variables, config) of a saved step, on this process's default device."""
-  from jaxcollab import data, models  # pylint: disable=g-import-not-at-top
-
-  ref = resolve(path, step)
-  with _reading(ref):
-    verify(ref.path, ref.step)
-    config = read_config(ref)
-    meta = read_meta(ref)
-    info = data.DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["dataset"].items()})
-    model = models.build(config, info)
-    expected = _model_part(jax.eval_shape(lambda: _init_variables(model, info, config.seed)))
-    check_structure(_model_part(read_state_metadata(ref.path, ref.step)), expected, ref.path)
-    variables = jax.device_put(read_state_numpy(ref, keys=("params", "batch_stats"), verified=True))
-  return model, variables, config
-
-
-def _init_variables(model, info, seed: int) -> PyTree:
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-
-  from jaxcollab import train  # pylint: disable=g-import-not-at-top
-
-  sample = jax.tree.map(lambda x: x[:1], train.example_batch(info))
-  return nn.unbox(model.init({"params": jax.random.PRNGKey(seed)}, train.model_input(sample), train=False))
-
-
-def init_from(state, path: str):
-  """Copies another run's parameters (and BatchNorm statistics) that match by path and shape; logs the rest."""
-  ref = resolve(path)
-  with _reading(ref):
-    source = read_state_numpy(ref, keys=("params", "batch_stats"))
-  flat_source = dict(_flat_leaves(source))
-  target = _model_part({"params": state.params, "batch_stats": state.batch_stats})
-  missing, unexpected, mismatched = structure_diff(source, target)
-  kept = sorted(set(missing) | {m.split(" ")[0] for m in mismatched})
-  leaves = [x if n in kept else jax.device_put(np.asarray(flat_source[n], x.dtype), x.sharding)
-            for n, x in _flat_leaves(target)]
-  if len(kept) == len(leaves):
-    raise CheckpointError(f"--config.init_from={path} shares no parameter (same path and shape) with this model; "
-                          "point it at a run of the same architecture.")
-  loaded = jax.tree_util.tree_unflatten(jax.tree.structure(target), leaves)
-  log = logging.warning if kept or unexpected else logging.info
-  log("init_from %s (step %d): loaded %d of %d arrays; kept the fresh initialisation of %d (%s); ignored %d "
-      "source arrays (%s).", ref.path, ref.step, len(leaves) - len(kept), len(leaves), len(kept),
-      _listing("missing or reshaped", kept) or "none", len(unexpected), ", ".join(unexpected[:8]) or "none")
-  return state.replace(params=loaded["params"], batch_stats=loaded.get("batch_stats", {}))
-
-
-def _flat_leaves(tree: PyTree) -> list[tuple[str, Any]]:
-  return list(zip(_paths(tree), jax.tree.leaves(tree)))
-
-
-def describe(path: str, step: int | None = None) -> dict[str, Any]:
-  """What `jaxcollab inspect` shows: steps, config, metadata, metrics and the array tree."""
-  from jaxcollab import metrics  # pylint: disable=g-import-not-at-top
-
-  ref = resolve(path, step)
-  try:
-    verify(ref.path, ref.step, contents=False)  # Sizes only: cheap; restoring checks every byte.
-    integrity = "complete (file sizes match; contents are checked when restored)"
-  except CorruptCheckpointError as e:
-    integrity = str(e)
-  with _reading(ref):
-    tree, config, meta = read_state_metadata(ref.path, ref.step), _read_json(ref.path, ref.step, CONFIG), read_meta(ref)
-  arrays, totals = [], {}
-  for name, leaf in _flat_leaves(tree):
-    shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
-    count = int(np.prod(shape, dtype=np.int64))
-    arrays.append({"path": name, "shape": list(shape), "dtype": dtype.name, "count": count,
-                   "bytes": count * dtype.itemsize})
-    total = totals.setdefault(name.split("/")[0], {"arrays": 0, "count": 0, "bytes": 0})
-    total["arrays"] += 1
-    total["count"] += count
-    total["bytes"] += count * dtype.itemsize
-  workdir = os.path.dirname(ref.directory)
-  rows = metrics.read_metrics(workdir) if os.path.isfile(os.path.join(workdir, metrics.METRICS_FILE)) else []
-  last = {}
-  for row in rows:
-    last[row.get("split")] = row
-  return {
-      "directory": ref.directory, "steps": list(ref.steps), "step": ref.step,
-      "config": config, "meta": meta,
-      "integrity": integrity, "arrays": arrays, "totals": totals,
-      "param_count": totals.get("params", {}).get("count", 0),
-      "total_bytes": sum(t["bytes"] for t in totals.values()),
-      "metrics": {"at_step": [r for r in rows if r.get("step") == ref.step], "last": list(last.values())},
-  }

@@ -23,6 +23,7 @@ class Evaluator:
   def __init__(self, run):
     self.run = run
     self.info = run.dataset.info
+    self._last: tuple[int, dict[str, np.ndarray]] | None = None  # (step, sums) of the newest evaluation.
     config = run.config
     self.per_process = config.train.eval_batch_size // jax.process_count()
     self.batch_sharding = sharding.batch_sharding(run.mesh)
@@ -59,14 +60,21 @@ class Evaluator:
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     return {k: np.asarray(v, np.float64) for k, v in jax.device_get(totals).items()}
 
+  def _state_sums(self, state) -> dict[str, np.ndarray]:
+    # The loop evaluates at the last step and then asks for the final report of the same state:
+    # remember the sums by step so the eval split is not run twice.
+    step = int(jax.device_get(state.step))
+    if self._last is None or self._last[0] != step:
+      self._last = (step, self.sums(state.params, state.batch_stats))
+    return self._last[1]
+
   def evaluate(self, state) -> dict[str, float]:
     """loss and accuracy (classifiers) or loss, perplexity and bits_per_byte (LMs)."""
-    sums = self.sums(state.params, state.batch_stats)
-    return summarize(sums)
+    return summarize(self._state_sums(state))
 
   def final_report(self, state, workdir: str, write: bool = True) -> dict[str, float]:
     """Final metrics; for classifiers also per-class precision/recall/F1 and a confusion-matrix PNG."""
-    sums = self.sums(state.params, state.batch_stats)
+    sums = self._state_sums(state)
     result = summarize(sums)
     if "confusion" in sums and write:
       confusion = sums["confusion"].astype(np.int64)
@@ -97,10 +105,9 @@ def summarize(sums: dict[str, np.ndarray]) -> dict[str, float]:
 
 def evaluate_checkpoint(path: str, step: int | None = None) -> dict[str, float]:
   """Re-evaluates a saved step (`jaxcollab eval`) on this process's first device."""
-  from jaxcollab import checkpoint, train  # pylint: disable=g-import-not-at-top
+  from jaxcollab import reload, train  # pylint: disable=g-import-not-at-top
 
-  _, variables, config = checkpoint.load(path, step)
+  _, variables, config = reload.load(path, step)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1  # Any saved mesh fits one device.
   run = train.build(config, devices=jax.local_devices()[:1])
-  state = run.state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}))
-  return Evaluator(run).evaluate(state)
+  return summarize(Evaluator(run).sums(variables["params"], variables.get("batch_stats", {})))

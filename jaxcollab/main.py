@@ -87,9 +87,9 @@ def _eval(args) -> None:
 
 
 def _inspect(args) -> None:
-  from jaxcollab import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxcollab import reload  # pylint: disable=g-import-not-at-top
 
-  info = checkpoint.describe(args.path, args.step)
+  info = reload.describe(args.path, args.step)
   if args.json:
     print(json.dumps(info, indent=2))
     return

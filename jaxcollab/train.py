@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcollab import checkpoint, config as config_lib, data, evaluate, losses, metrics, models, optim, sharding
+from jaxcollab import checkpoint, config as config_lib, data, evaluate, losses, metrics, models, optim, reload, sharding
 from jaxcollab.config import ConfigDict, UserError
 
 PyTree = Any
@@ -261,7 +261,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     if state is None:
       state = run.init_state()
       if config.init_from:
-        state = checkpoint.init_from(state, config.init_from)
+        state = reload.init_from(state, config.init_from)
     start = int(jax.device_get(state.step))
     if is_main:
       with open(os.path.join(workdir, "config.json"), "w") as f:

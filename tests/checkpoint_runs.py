@@ -108,9 +108,9 @@ def temporary(workdir: str) -> list[str]:
 
 def read_state(workdir: str, step: int | None = None) -> dict:
   """Every saved array of a step (default: newest) as numpy, read in this process."""
-  from jaxcollab import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxcollab import reload  # pylint: disable=g-import-not-at-top
 
-  return checkpoint.read_state_numpy(checkpoint.resolve(str(workdir), step))
+  return reload.read_state_numpy(reload.resolve(str(workdir), step))
 
 
 def assert_same_arrays(a, b) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 import checkpoint_runs as runs
 import jaxcollab
-from jaxcollab import checkpoint, config as config_lib, main, models, train
+from jaxcollab import checkpoint, config as config_lib, main, models, reload, train
 
 SMOKE = os.path.join(runs.REPO, "experiments", "mlp_digits.py:smoke")
 FLAGS = ("--config.checkpoint.every=5", "--config.checkpoint.keep=10")  # Steps 5, 10, 15, 20; evals at 10, 20.
@@ -145,7 +145,7 @@ def _params(config: config_lib.ConfigDict):
   from jaxcollab import data  # pylint: disable=g-import-not-at-top
 
   info = data.get_dataset(config).info
-  return checkpoint._init_variables(models.build(config, info), info, 0)["params"]  # pylint: disable=protected-access
+  return reload._init_variables(models.build(config, info), info, 0)["params"]  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("change, missing, unexpected, mismatched", [
@@ -179,7 +179,7 @@ def test_init_from_loads_matching_parameters_and_reports_the_rest(workdir, caplo
   run = train.build(config)
   fresh = run.init_state()
   with caplog.at_level(logging.INFO):
-    state = checkpoint.init_from(fresh, workdir)
+    state = reload.init_from(fresh, workdir)
   message = caplog.text
   assert "loaded 1 of 4 arrays; kept the fresh initialisation of 3" in message
   assert "params/hidden/kernel" in message and "params/head/kernel" in message
@@ -289,7 +289,7 @@ def test_leftover_temporary_directories_are_ignored_then_deleted(copy):
   leftover = os.path.join(runs.checkpoints(copy), "25.orbax-checkpoint-tmp")
   os.makedirs(os.path.join(leftover, "state"))
   assert checkpoint.finished_steps(runs.checkpoints(copy)) == (5, 10, 15, 20)
-  assert checkpoint.resolve(copy).step == 20
+  assert reload.resolve(copy).step == 20
   assert _train(copy) == 0  # Finished run: nothing to train, but the manager cleans up at start.
   assert not os.path.exists(leftover)
 

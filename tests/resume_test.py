@@ -18,7 +18,7 @@ import pytest
 
 import checkpoint_runs as runs
 import jaxcollab
-from jaxcollab import checkpoint
+from jaxcollab import checkpoint, reload
 
 pytestmark = pytest.mark.slow
 
@@ -162,7 +162,7 @@ def test_8_devices_to_1_and_1_to_8(tmp_path_factory, tmp_path):
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report == {"devices": 1, "on": ["cpu:0"], "model": "gpt", "finite": True}
   loaded = dict(np.load(tmp_path / "gpt.npz"))
-  saved = _flat(checkpoint.read_state_numpy(checkpoint.resolve(gpt, 4), keys=("params",)))
+  saved = _flat(reload.read_state_numpy(reload.resolve(gpt, 4), keys=("params",)))
   assert loaded.keys() == saved.keys()
   for k in saved:
     assert np.array_equal(loaded[k], saved[k]), k
