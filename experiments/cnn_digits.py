@@ -5,8 +5,8 @@ The main job of the README: it runs offline on a laptop CPU on scikit-learn's 1,
 
   jaxcollab train --config experiments/cnn_digits.py --workdir runs/cnn_digits
 
-Expected: >= 98% test accuracy in well under 2 minutes on a 2-core CPU (see README for the
-measured figure). `:smoke` shrinks it to a few seconds for tests.
+Expected: >= 98% test accuracy (98.3% measured) in about a minute on a 2-core CPU.
+`:smoke` shrinks it to a few seconds for tests.
 """
 
 from jaxcollab import config as config_lib
