@@ -136,3 +136,17 @@ def test_gpt_learns_more_than_byte_frequencies(tmp_path):
                  "train.batch_size=32", "checkpoint.every=150")
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result["bits_per_byte"] < data.unigram_entropy_bits("validation") - 0.5, result
+
+
+@pytest.mark.parametrize("name", ["mlp_mnist", "cnn_mnist", "resnet_cifar10", "gpt_shakespeare"])
+def test_tfds_experiments_train_end_to_end_under_mock_data(tmp_path, name):
+  """The TFDS experiments' smoke variants, through the real tfds.data_source code on mock records."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  config = smoke(name, f"dataset.data_dir={tmp_path / 'tfds'}")
+  with tfds.testing.mock_data(num_examples=64):
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert all(math.isfinite(v) for v in result.values())
+  rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [r["step"] for r in rows if r["split"] == "train"][-1] == config.train.steps
+  assert ("accuracy" in result) == (name != "gpt_shakespeare")
