@@ -37,7 +37,6 @@ def defaults() -> ConfigDict:
   c.dataset.seq_len = 128  # int: tokens (bytes) per LM example; text datasets only.
   c.dataset.augment = False  # bool: random translation/crop, small rotation, flip (image train split).
   c.dataset.flip = False  # bool: horizontal flips in augmentation (not for digits).
-  c.dataset.shuffle_buffer = 0  # unused by the index-based pipeline; kept 0.
   c.dataset.num_workers = 0  # int: grain worker processes; 0 = in the main process.
 
   c.model = ConfigDict()
