@@ -44,6 +44,7 @@ class Evaluator:
         sums["confusion"] = true_BxC.T @ jax.nn.one_hot(pred, classes)  # rows: true class, cols: predicted.
       return sums
 
+    self.eval_step = eval_step  # Unjitted, for callers that vmap it over a leading seed axis.
     replicated = NamedSharding(run.mesh, P())  # Every process can read the sums.
     self._step = jax.jit(
         eval_step,
@@ -74,7 +75,10 @@ class Evaluator:
 
   def final_report(self, state, workdir: str, write: bool = True) -> dict[str, float]:
     """Final metrics; for classifiers also per-class precision/recall/F1 and a confusion-matrix PNG."""
-    sums = self._state_sums(state)
+    return self.report(self._state_sums(state), workdir, write)
+
+  def report(self, sums: dict[str, np.ndarray], workdir: str, write: bool = True) -> dict[str, float]:
+    """`final_report` from eval sums already computed (the vmapped seeds compute theirs together)."""
     result = summarize(sums)
     if "confusion" in sums and write:
       confusion = sums["confusion"].astype(np.int64)

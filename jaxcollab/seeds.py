@@ -1,0 +1,250 @@
+"""Several seeds of one config trained in one program: the state stacked on a leading seed axis.
+
+`jax.vmap(train.train_step)` runs every seed in the same jitted step (one compile); each seed keeps
+its own initialisation, data order, augmentation and dropout keys (they all derive from its own
+`seed`), and writes its own workdir exactly as `jaxcollab train` would, so that `train` on any one
+of them resumes it, and `eval`, `inspect` and `jaxcollab.load` read it.
+
+The seed axis is replicated over the run's mesh: every device holds every seed's slice of the
+parameters and the batch is split over `data` inside each seed, as in a single run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxcollab import checkpoint, config as config_lib, evaluate, metrics, sharding, train
+from jaxcollab.config import ConfigDict
+
+PyTree = Any
+_DATA_FIELDS = ("step", "params", "opt_state", "batch_stats", "rng")
+
+
+def why_not_vmapped(config: ConfigDict) -> str | None:
+  """The reason these seeds must train one at a time, or None when they can share one program."""
+  config = config_lib.validate(config)
+  if config.model.name == "resnet":
+    return "BatchNorm statistics (model resnet) are mutable state that this loop does not stack"
+  if config.train.target:
+    return "train.target stops each seed at its own step"
+  if config.init_from:
+    return "init_from restores one checkpoint into one state"
+  if jax.process_count() > 1:
+    return "several processes each feed their own slice of one run's batch"
+  return None
+
+
+def _stack(states: list[train.TrainState], like: train.TrainState) -> train.TrainState:
+  """One TrainState whose array leaves carry a leading seed axis; static fields from `like`."""
+  fields = {f: jax.tree.map(lambda *xs: jnp.stack(xs), *[getattr(s, f) for s in states]) for f in _DATA_FIELDS}
+  return like.replace(**fields)
+
+
+def _unstack(state: train.TrainState, i: int) -> train.TrainState:
+  return state.replace(**{f: jax.tree.map(lambda x: x[i], getattr(state, f)) for f in _DATA_FIELDS})
+
+
+def _seed_axis(s: NamedSharding) -> NamedSharding:
+  return NamedSharding(s.mesh, P(None, *s.spec))
+
+
+def _same_but_seed(configs: list[ConfigDict]) -> None:
+  def without_seed(c):
+    d = c.to_dict()
+    d.pop("seed")
+    return config_lib.to_json(ConfigDict(d))
+
+  if len({without_seed(c) for c in configs}) != 1:
+    raise ValueError("train_seeds needs configs that differ only in their seed.")
+
+
+class Stacked:
+  """The runs of S seeds, their stacked state's shardings and the vmapped, jitted train and eval steps."""
+
+  def __init__(self, configs: list[ConfigDict]):
+    _same_but_seed(configs)
+    self.runs = [train.build(c) for c in configs]
+    run = self.runs[0]
+    self.mesh, self.rules = run.mesh, run.rules
+    self.shardings = jax.tree.map(_seed_axis, run.shardings)
+    self.batch_sharding = _seed_axis(sharding.batch_sharding(run.mesh))
+
+    def step(state, batch):
+      with sharding.activation_context(run.mesh, run.rules):
+        return jax.vmap(train.train_step)(state, batch)
+
+    self.train_step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
+                              out_shardings=(self.shardings, None), donate_argnums=0)
+    self.evaluator = evaluate.Evaluator(run)
+    self.eval_step = jax.jit(jax.vmap(self.evaluator.eval_step, in_axes=(0, 0, None)),
+                             in_shardings=(self.shardings.params, self.shardings.batch_stats,
+                                           self.evaluator.batch_sharding),
+                             out_shardings=NamedSharding(run.mesh, P()))
+
+  def init_state(self) -> train.TrainState:
+    """Every seed's initial state (the same numbers as its own `run.init_state()`), in one compiled program."""
+    like = self.runs[0].state
+    return jax.jit(lambda: _stack([r.init_fn() for r in self.runs], like), out_shardings=self.shardings)()
+
+  def stack(self, states: list[train.TrainState]) -> train.TrainState:
+    return jax.device_put(_stack(states, self.runs[0].state), self.shardings)
+
+  def eval_sums(self, state: train.TrainState) -> list[dict[str, np.ndarray]]:
+    """Each seed's eval sums (see `Evaluator.sums`), every eval batch evaluated for all seeds at once."""
+    e = self.evaluator
+    totals = None
+    for local in self.runs[0].dataset.eval_batches(batch_size=e.per_process):
+      out = self.eval_step(state.params, state.batch_stats, sharding.to_global(local, e.batch_sharding))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = {k: np.asarray(v, np.float64) for k, v in jax.device_get(totals).items()}
+    return [{k: v[i] for k, v in totals.items()} for i in range(len(self.runs))]
+
+
+@dataclasses.dataclass
+class _Seed:
+  """One seed's writers: its workdir, data iterator, checkpointer, metric writer and step logger."""
+
+  workdir: str
+  config: ConfigDict
+  train_iter: Any
+  ckpt: checkpoint.Checkpointer
+  writer: metrics.MetricWriter | None = None
+  logger: train.StepLogger | None = None
+
+
+def train_seeds(configs: list[ConfigDict], workdirs: list[str],
+                on_step: Callable[[int], None] | None = None) -> list[dict[str, float]] | None:
+  """Trains configs that differ only in `seed` together, seed i into workdirs[i]; final eval per seed.
+
+  Resumes when every workdir holds a checkpoint of the same step. Returns None when the seeds cannot
+  share a program here (a reason from `why_not_vmapped`, or checkpoints at different steps): the caller
+  trains them one at a time. Returns [] when a signal stopped training (every seed saved its step).
+  """
+  if why_not_vmapped(configs[0]) is not None:
+    return None
+  stacked = Stacked(configs)
+  run = stacked.runs[0]
+  config, info = run.config, run.dataset.info
+  seeds = []
+  try:
+    for c, r, w in zip(configs, stacked.runs, workdirs):
+      os.makedirs(w, exist_ok=True)
+      it = r.dataset.train_iterator(batch_size=config.train.batch_size, seed=r.config.seed)
+      seeds.append(_Seed(w, r.config, it, checkpoint.Checkpointer(w, r.config, dataclasses.asdict(info),
+                                                                  dict(r.mesh.shape))))
+    restored = [s.ckpt.restore_latest(r, s.train_iter) for s, r in zip(seeds, stacked.runs)]
+    if any(x is not None for x in restored):
+      steps = {None if x is None else int(jax.device_get(x.step)) for x in restored}
+      if len(steps) != 1:
+        for s in reversed(seeds):
+          s.ckpt.close()
+        seeds = []
+        return None
+      state = stacked.stack(restored)
+    else:
+      state = stacked.init_state()
+    return _loop(stacked, seeds, state, on_step)
+  finally:
+    for s in reversed(seeds):  # Reverse: each Checkpointer put back the signal handler of the one before.
+      s.ckpt.close(raise_errors=False)
+      if s.writer is not None:
+        s.writer.close()
+
+
+def _loop(stacked: Stacked, seeds: list[_Seed], state: train.TrainState,
+          on_step: Callable[[int], None] | None) -> list[dict[str, float]]:
+  run = stacked.runs[0]
+  config, info = run.config, run.dataset.info
+  start = int(jax.device_get(state.step[0]))
+  unit = "examples_per_s" if info.kind == "image" else "tokens_per_s"
+  per_batch = config.train.batch_size * (1 if info.kind == "image" else info.seq_len)
+  for s in seeds:
+    text = config_lib.to_json(s.config)
+    with open(os.path.join(s.workdir, "config.json"), "w") as f:
+      f.write(text)
+    metrics.write_run_info(s.workdir, config_json=text, mesh_shape=dict(run.mesh.shape), argv=list(sys.argv))
+    s.writer = metrics.MetricWriter(s.workdir, resume_step=start)
+    progress = metrics.Progress(config.train.steps, initial=start, enabled=False)
+    s.logger = train.StepLogger(s.writer, progress, s.config, start, per_batch, unit)
+
+  pending = None  # (step, stacked device metrics) not yet pulled to the host.
+
+  def flush():
+    nonlocal pending
+    if pending is None:
+      return
+    step, device_metrics = pending
+    pending = None
+    host = jax.device_get(device_metrics)  # One transfer for all seeds.
+    for i, s in enumerate(seeds):
+      s.logger.push(step, {k: v[i] for k, v in host.items()})
+      s.logger.flush()
+
+  def evaluate_all(step):
+    flush()
+    sums = stacked.eval_sums(state)
+    for s, seed_sums in zip(seeds, sums):
+      result = evaluate.summarize(seed_sums)
+      s.writer.write(step, "eval", result)
+      s.ckpt.record_eval(step, result)
+    return sums
+
+  step, sums, stopped = start, None, False
+  finished = start >= config.train.steps
+  while not finished:
+    local = [next(s.train_iter) for s in seeds]
+    batch = sharding.to_global({k: np.stack([b[k] for b in local]) for k in local[0]}, stacked.batch_sharding)
+    state, step_metrics = stacked.train_step(state, batch)
+    step += 1
+    flush()
+    pending = (step, step_metrics)
+    finished = step >= config.train.steps
+    if step % config.train.eval_every == 0 or finished:
+      sums = evaluate_all(step)
+    stopped = not finished and any(s.ckpt.preempted(step) for s in seeds)
+    if finished or stopped or seeds[0].ckpt.due(step):
+      flush()
+      for i, s in enumerate(seeds):
+        s.ckpt.save(step, _unstack(state, i), s.train_iter)
+    if on_step is not None:
+      on_step(step)
+    if stopped:
+      return []
+  flush()
+  if sums is None:  # Already finished before this call: evaluate the restored state once.
+    sums = stacked.eval_sums(state)
+  results = []
+  for s, seed_sums in zip(seeds, sums):
+    result = stacked.evaluator.report(seed_sums, s.workdir)
+    if step > start:
+      s.writer.write(step, "test" if info.eval_split == "test" else "eval_final", result)
+    results.append(result)
+  return results
+
+
+def time_steps(configs: list[ConfigDict], steps: int) -> float:
+  """Seconds per vmapped step after compilation (benchmarks)."""
+  stacked = Stacked(configs)
+  state = stacked.init_state()
+  iters = [r.dataset.train_iterator(batch_size=r.config.train.batch_size, seed=r.config.seed) for r in stacked.runs]
+
+  def batch():
+    local = [next(it) for it in iters]
+    return sharding.to_global({k: np.stack([b[k] for b in local]) for k in local[0]}, stacked.batch_sharding)
+
+  state, m = stacked.train_step(state, batch())
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, m = stacked.train_step(state, batch())
+  jax.block_until_ready(m)
+  return (time.perf_counter() - t0) / steps
