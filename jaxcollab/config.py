@@ -128,8 +128,8 @@ def _registries() -> dict[str, Any]:
   }
 
 
-def load_experiment(path: str, arg: str | None = None) -> ConfigDict:
-  """Runs `get_config(arg)` from an experiment file (a path, or `name` under experiments/)."""
+def import_experiment(path: str, arg: str | None = None) -> tuple[Any, str, str | None]:
+  """(module, file, arg) of an experiment given as a path, `name` under experiments/, or `FILE:ARG`."""
   if ":" in os.path.basename(path) and arg is None:
     path, arg = path.rsplit(":", 1)
   if not path.endswith(".py") and os.path.sep not in path:
@@ -143,6 +143,12 @@ def load_experiment(path: str, arg: str | None = None) -> ConfigDict:
     spec.loader.exec_module(module)
   except Exception as e:  # A broken experiment file is the user's to fix; say where.
     raise UserError(f"Experiment file {path!r} failed to import ({type(e).__name__}: {e}); fix the file.") from e
+  return module, path, arg
+
+
+def load_experiment(path: str, arg: str | None = None) -> ConfigDict:
+  """Runs `get_config(arg)` from an experiment file (a path, or `name` under experiments/)."""
+  module, path, arg = import_experiment(path, arg)
   if not callable(getattr(module, "get_config", None)):
     raise UserError(f"Experiment file {path!r} has no get_config(); define get_config(arg=None) returning a ConfigDict.")
   config = module.get_config(arg) if arg is not None else module.get_config()

@@ -47,6 +47,28 @@ def _parser() -> argparse.ArgumentParser:
   ev.add_argument("--workdir", required=True, help="run directory or a checkpoint step directory")
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
 
+  sw = sub.add_parser("sweep", allow_abbrev=False, help="train a grid of config values x seeds, one workdir per run",
+                      description="Train every cell of a grid x every seed into DIR/<cell>/seed_<k>/; rerunning the "
+                      "same command skips finished runs and resumes interrupted ones. Extra --config.a.b=VALUE flags "
+                      "apply to every run.")
+  sw.add_argument("--config", required=True, help="experiment file or name (FILE:ARG passes ARG); its get_sweep() "
+                  "may declare a grid and seeds")
+  sw.add_argument("--workdir", required=True, help="sweep directory: sweep.json and one workdir per cell and seed")
+  sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                  help="a config key and its values, parsed like --config.KEY=VALUE; repeat for more keys")
+  sw.add_argument("--seeds", default=None, help="seeds, e.g. 0-4 or 0,1,2 (default: get_sweep()'s, else the config's)")
+  sw.add_argument("--sequential", action="store_true",
+                  help="train one run at a time instead of a cell's seeds together in one vmapped program")
+
+  cmp = sub.add_parser("compare", allow_abbrev=False, help="tabulate and plot runs grouped by the config keys that differ",
+                       description="Group runs by the config keys that differ (seeds pooled); print mean +- std, 95%% "
+                       "CI and Welch's t-test against a baseline; write comparison.md/.csv/.json and PNGs.")
+  cmp.add_argument("paths", nargs="+", metavar="DIR", help="workdirs or sweep directories (searched recursively)")
+  cmp.add_argument("--metric", default=None, help="final eval metric to rank by (default: accuracy or bits_per_byte)")
+  cmp.add_argument("--mode", default=None, choices=("max", "min"), help="whether larger is better (default: by metric)")
+  cmp.add_argument("--baseline", default=None, help="group every other group is tested against (default: the best)")
+  cmp.add_argument("--out", default=None, help="where the tables and PNGs go (default: the common directory of DIR)")
+
   ins = sub.add_parser("inspect", allow_abbrev=False, help="show a checkpoint's steps, config, metadata and parameters",
                        description="Show the steps, config, metadata, metrics and parameter tree of a checkpoint.")
   ins.add_argument("path", help="workdir, its checkpoints/ directory, or one step directory")
@@ -118,6 +140,20 @@ def _inspect(args) -> None:
   print("(--json gives every array, optimizer state included, and the full config)")
 
 
+def _sweep(args, overrides: list[str]) -> int:
+  from jaxcollab import sweep  # pylint: disable=g-import-not-at-top
+
+  return sweep.sweep(args.config, args.workdir, args.grid, args.seeds, overrides, args.sequential)
+
+
+def _compare(args) -> None:
+  from jaxcollab import compare  # pylint: disable=g-import-not-at-top
+
+  result, paths = compare.compare(args.paths, args.metric, args.mode, args.baseline, args.out)
+  print(compare.markdown(result))
+  print("Wrote " + ", ".join(paths.values()))
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs one subcommand; returns the process exit code."""
   argv = sys.argv[1:] if argv is None else argv
@@ -125,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
   args, unknown = parser.parse_known_args(argv)
   overrides = [u for u in unknown if u.startswith("--config.")]
   stray = [u for u in unknown if not u.startswith("--config.")]
-  if stray or (overrides and args.command != "train"):
+  if stray or (overrides and args.command not in ("train", "sweep")):
     parser.error(f"unrecognized arguments: {' '.join(stray or overrides)}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
   for noisy in ("absl", "jax", "orbax", "grain", "tensorflow_datasets"):
@@ -133,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
   _configure_runtime()
   from jaxcollab.config import UserError  # pylint: disable=g-import-not-at-top
 
+  commands = {"train": lambda: _train(args, overrides), "eval": lambda: _eval(args), "inspect": lambda: _inspect(args),
+              "sweep": lambda: _sweep(args, overrides), "compare": lambda: _compare(args)}
   try:
-    {"train": lambda: _train(args, overrides), "eval": lambda: _eval(args), "inspect": lambda: _inspect(args)}[
-        args.command]()
+    code = commands[args.command]()
   except (UserError, FileNotFoundError) as e:
     print(f"jaxcollab {args.command}: error: {e}", file=sys.stderr)
     return 2
-  return 0
+  return code or 0
 
 
 if __name__ == "__main__":
