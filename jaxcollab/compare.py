@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import stats
 
-from jaxcollab import checkpoint, data, metrics, reload
+from jaxcollab import checkpoint, data, metrics, probe, reload
 from jaxcollab.config import UserError
 
 FINAL_SPLITS = ("test", "eval_final")
@@ -207,7 +207,7 @@ def compare_runs(runs: list[RunRecord], metric: str | None = None, mode: str | N
   if len(kinds) > 1:
     raise UserError("These runs are of different tasks (image classifiers and language models); compare each "
                     "task's runs separately.")
-  default_metric, default_mode = DEFAULT_METRIC.get(kinds[0], ("loss", "min"))
+  default_metric, _ = DEFAULT_METRIC.get(kinds[0], ("loss", "min"))
   metric = metric or default_metric
   available = sorted({k for r in runs for k, v in r.final.items() if isinstance(v, (int, float))})
   if metric not in available:
@@ -382,12 +382,65 @@ def _save(fig: Figure, path: str) -> None:
   fig.savefig(path, dpi=100)
 
 
+# ---- Activation statistics per group ------------------------------------------------------------
+
+
+def activation_rows(c: Comparison) -> list[dict[str, Any]]:
+  """Per group and layer: each statistic of `probe.STATS` averaged over the group's runs."""
+  rows = []
+  for g in c.groups:
+    per_run = [probe.probe_run(r.workdir)["layers"] for r in g.runs]
+    for layer in per_run[0]:
+      values = {s: [run[layer][s] for run in per_run if layer in run] for s in probe.STATS}
+      rows.append({"group": g.name, "layer": layer,
+                   **{s: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for s, v in values.items()}})
+  return rows
+
+
+def activations_markdown(rows: list[dict[str, Any]]) -> str:
+  head = ["group", "layer", *probe.STATS]
+  lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+  for r in rows:
+    lines.append("| " + " | ".join([r["group"], r["layer"]] + [_fmt(r[s]) for s in probe.STATS]) + " |")
+  return "\n".join(lines) + (f"\n\nMeans over seeds on the first {probe.PROBE_SIZE} eval examples; zero_frac: "
+                             "exact zeros (dead ReLUs); saturated_frac: |tanh| > 0.99, sigmoid < 0.01 or > 0.99; "
+                             "grad_norm: of the probe loss w.r.t. that layer's parameters.\n")
+
+
+def plot_activations(rows: list[dict[str, Any]], path: str) -> None:
+  """One panel per statistic: its value per layer, one line per group."""
+  groups = list(dict.fromkeys(r["group"] for r in rows))
+  layers = list(dict.fromkeys(r["layer"] for r in rows))
+  fig = Figure(figsize=(4.2 * len(probe.STATS), 4.0))
+  axes = fig.subplots(1, len(probe.STATS), squeeze=False)[0]
+  for ax, stat in zip(axes, probe.STATS):
+    for g, color in zip(groups, _colors(len(groups))):
+      points = {r["layer"]: r[stat] for r in rows if r["group"] == g}
+      ax.plot(range(len(layers)), [points.get(layer, math.nan) for layer in layers], "o-", color=color, label=g,
+              ms=3, lw=1)
+    ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize="x-small")
+    ax.set_title(stat)
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="outside right center", fontsize="x-small")
+  fig.set_layout_engine("constrained")
+  _save(fig, path)
+
+
 def compare(paths: list[str], metric: str | None = None, mode: str | None = None, baseline: str | None = None,
-            out: str | None = None) -> tuple[Comparison, dict[str, str]]:
+            out: str | None = None, activations: bool = False) -> tuple[Comparison, dict[str, str]]:
   """`jaxcollab compare`: reads the runs under `paths`, writes the comparison into `out`."""
   if mode not in (None, "max", "min"):
     raise UserError(f"--mode must be max or min, got {mode!r}.")
   runs = [read_run(w) for w in find_workdirs(paths)]
   c = compare_runs(runs, metric, mode, baseline)
   out = out or (paths[0] if len(paths) == 1 else os.path.commonpath([os.path.abspath(p) for p in paths]))
-  return c, write(c, out)
+  paths_out = write(c, out)
+  if activations:
+    rows = activation_rows(c)
+    paths_out["activations"] = os.path.join(out, "activations.md")
+    with open(paths_out["activations"], "w") as f:
+      f.write(activations_markdown(rows))
+    paths_out["activations_png"] = os.path.join(out, "activations.png")
+    plot_activations(rows, paths_out["activations_png"])
+  return c, paths_out

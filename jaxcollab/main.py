@@ -68,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
   cmp.add_argument("--mode", default=None, choices=("max", "min"), help="whether larger is better (default: by metric)")
   cmp.add_argument("--baseline", default=None, help="group every other group is tested against (default: the best)")
   cmp.add_argument("--out", default=None, help="where the tables and PNGs go (default: the common directory of DIR)")
+  cmp.add_argument("--activations", action="store_true",
+                   help="also tabulate and plot per-layer activation statistics on a fixed probe batch")
+
+  ck = sub.add_parser("cka", allow_abbrev=False, help="linear CKA between the layers of two runs, as a heat map",
+                      description="Linear CKA between every layer of run A and every layer of run B on the same "
+                      "probe batch (the first eval examples); prints the matrix and writes a heat map PNG.")
+  ck.add_argument("a", metavar="A", help="workdir of the first run")
+  ck.add_argument("b", metavar="B", help="workdir of the second run")
+  ck.add_argument("--out", default=None, help="PNG path (default: A/plots/cka.png)")
 
   ins = sub.add_parser("inspect", allow_abbrev=False, help="show a checkpoint's steps, config, metadata and parameters",
                        description="Show the steps, config, metadata, metrics and parameter tree of a checkpoint.")
@@ -149,9 +158,20 @@ def _sweep(args, overrides: list[str]) -> int:
 def _compare(args) -> None:
   from jaxcollab import compare  # pylint: disable=g-import-not-at-top
 
-  result, paths = compare.compare(args.paths, args.metric, args.mode, args.baseline, args.out)
+  result, paths = compare.compare(args.paths, args.metric, args.mode, args.baseline, args.out, args.activations)
   print(compare.markdown(result))
+  if "activations" in paths:
+    with open(paths["activations"]) as f:
+      print(f.read())
   print("Wrote " + ", ".join(paths.values()))
+
+
+def _cka(args) -> None:
+  from jaxcollab import probe  # pylint: disable=g-import-not-at-top
+
+  matrix, out = probe.cka(args.a, args.b, args.out)
+  print(json.dumps(matrix.round(4).tolist()))
+  print(f"Wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
   from jaxcollab.config import UserError  # pylint: disable=g-import-not-at-top
 
   commands = {"train": lambda: _train(args, overrides), "eval": lambda: _eval(args), "inspect": lambda: _inspect(args),
-              "sweep": lambda: _sweep(args, overrides), "compare": lambda: _compare(args)}
+              "sweep": lambda: _sweep(args, overrides), "compare": lambda: _compare(args), "cka": lambda: _cka(args)}
   try:
     code = commands[args.command]()
   except (UserError, FileNotFoundError) as e:

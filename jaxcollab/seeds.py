@@ -15,14 +15,17 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxcollab import checkpoint, config as config_lib, evaluate, metrics, sharding, train
+from jaxcollab import checkpoint, evaluate, metrics, sharding, train
+from jaxcollab import config as config_lib
 from jaxcollab.config import ConfigDict
 
 PyTree = Any

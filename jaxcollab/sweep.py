@@ -21,7 +21,9 @@ from typing import Any
 
 import tqdm
 
-from jaxcollab import compare, config as config_lib, metrics, seeds as seeds_lib, train
+from jaxcollab import compare, metrics, train
+from jaxcollab import config as config_lib
+from jaxcollab import seeds as seeds_lib
 from jaxcollab.config import ConfigDict, UserError
 
 SWEEP_FILE = "sweep.json"
@@ -254,7 +256,7 @@ def run(p: Plan) -> int:
   except _Stopped:
     bar.close()
     _write_record(p, status)
-    print(f"Stopped; finished runs are kept and interrupted ones saved. Run the same command to resume.", file=out)
+    print("Stopped; finished runs are kept and interrupted ones saved. Run the same command to resume.", file=out)
     return 1
   bar.close()
   ok = p.total - failed
@@ -271,7 +273,7 @@ def _run_cell(p: Plan, cell: Cell, pending: list[int], bar: tqdm.tqdm) -> dict[i
     try:
       with _logged_to(workdirs[0]):
         results = seeds_lib.train_seeds(configs, workdirs)
-    except Exception as e:  # pylint: disable=broad-except  # One cell's failure must not stop the sweep.
+    except Exception as e:  # noqa: BLE001  # One cell's failure must not stop the sweep.
       with open(os.path.join(workdirs[0], LOG_FILE), "a") as f:
         traceback.print_exc(file=f)
       bar.update(len(pending))
@@ -286,7 +288,7 @@ def _run_cell(p: Plan, cell: Cell, pending: list[int], bar: tqdm.tqdm) -> dict[i
     try:
       with _logged_to(workdir):
         result = train.train_and_evaluate(config, workdir)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # noqa: BLE001
       with open(os.path.join(workdir, LOG_FILE), "a") as f:
         traceback.print_exc(file=f)
       outcome[seed] = _sentence(e)
