@@ -106,6 +106,20 @@ def find_workdirs(paths: list[str]) -> list[str]:
   return sorted(dict.fromkeys(found))
 
 
+def grid_keys(paths: list[str]) -> list[str]:
+  """The grid keys of the sweeps at or above `paths` (their sweep.json), in grid order."""
+  keys = []
+  for path in paths:
+    here = os.path.abspath(path)
+    for directory in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
+      file = os.path.join(directory, "sweep.json")
+      if os.path.isfile(file):
+        with open(file) as f:
+          keys += [k for k in json.load(f).get("grid", {}) if k not in keys]
+        break
+  return keys
+
+
 def _wall_seconds(workdir: str) -> float | None:
   """From run.json's start to the last metrics row written (the newest training segment)."""
   try:
@@ -152,9 +166,13 @@ class Group:
     return np.array([r.final[metric] for r in self.runs if metric in r.final], np.float64)
 
 
-def group_runs(runs: list[RunRecord]) -> list[Group]:
-  """Groups by the config keys whose values differ between runs (seeds pooled), in first-seen order."""
-  keys = sorted({k for r in runs for k in r.config})
+def group_runs(runs: list[RunRecord], key_order: list[str] | None = None) -> list[Group]:
+  """Groups by the config keys whose values differ between runs (seeds pooled), in first-seen order.
+
+  Keys in `key_order` (a sweep's grid) come first in that order, so that groups read like sweep cells.
+  """
+  order = key_order or []
+  keys = sorted({k for r in runs for k in r.config}, key=lambda k: (order.index(k) if k in order else len(order), k))
   differing = [k for k in keys if k not in IGNORED_KEYS and len({repr(r.config.get(k)) for r in runs}) > 1]
   groups: dict[str, Group] = {}
   for r in runs:
@@ -201,7 +219,7 @@ class Comparison:
 
 
 def compare_runs(runs: list[RunRecord], metric: str | None = None, mode: str | None = None,
-                 baseline: str | None = None) -> Comparison:
+                 baseline: str | None = None, key_order: list[str] | None = None) -> Comparison:
   """Groups `runs`, summarises every final metric per group and tests each group against the baseline."""
   kinds = sorted({r.kind for r in runs})
   if len(kinds) > 1:
@@ -213,7 +231,7 @@ def compare_runs(runs: list[RunRecord], metric: str | None = None, mode: str | N
   if metric not in available:
     raise UserError(f"No run has a final {metric!r}; choose --metric from {', '.join(available) or 'nothing'}.")
   mode = mode or ("max" if metric in MAXIMIZED else "min")
-  groups = group_runs(runs)
+  groups = group_runs(runs, key_order)
   groups.sort(key=lambda g: summary(g.finals(metric))["mean"], reverse=mode == "max")
   names = [g.name for g in groups]
   baseline = baseline or names[0]
@@ -433,7 +451,7 @@ def compare(paths: list[str], metric: str | None = None, mode: str | None = None
   if mode not in (None, "max", "min"):
     raise UserError(f"--mode must be max or min, got {mode!r}.")
   runs = [read_run(w) for w in find_workdirs(paths)]
-  c = compare_runs(runs, metric, mode, baseline)
+  c = compare_runs(runs, metric, mode, baseline, grid_keys(paths))
   out = out or (paths[0] if len(paths) == 1 else os.path.commonpath([os.path.abspath(p) for p in paths]))
   paths_out = write(c, out)
   if activations:

@@ -3,12 +3,14 @@
 import json
 import math
 import os
+import pathlib
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from jaxcollab import compare, config as config_lib, main
+from jaxcollab import compare, main
+from jaxcollab import config as config_lib
 
 # Final test accuracy per seed of three hand-written groups.
 FINALS = {"relu": [0.95, 0.97, 0.96, 0.98], "tanh": [0.90, 0.93, 0.91], "gelu": [0.96, 0.97, 0.965, 0.955, 0.96]}
@@ -62,11 +64,11 @@ def test_table_equals_a_hand_computation(study):
       assert row["p_vs_baseline"] == pytest.approx(_welch_by_hand(finals, FINALS["relu"]), rel=1e-9)
   assert math.isnan(by_group["activation=relu"]["p_vs_baseline"])
   assert by_group["activation=tanh"]["p_vs_baseline"] < 0.05 < by_group["activation=gelu"]["p_vs_baseline"]
-  table = open(paths["md"]).read()
+  table = pathlib.Path(paths["md"]).read_text()
   assert "| activation=tanh | 3 | 0.9133 ± 0.0153 |" in table
-  saved = json.load(open(paths["json"]))
+  saved = json.loads(pathlib.Path(paths["json"]).read_text())
   assert saved["groups"][2]["finals"] == FINALS["tanh"]
-  assert open(paths["csv"]).readline().startswith("group,model.activation,n,accuracy_mean")
+  assert pathlib.Path(paths["csv"]).read_text().startswith("group,model.activation,n,accuracy_mean")
   for png in ("curves", "bars"):
     assert os.path.getsize(paths[png]) > 10_000
 

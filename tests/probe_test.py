@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcollab import config as config_lib, main, models, probe, seeds
+from jaxcollab import config as config_lib
+from jaxcollab import main, models, probe, seeds
 
 
 def test_statistics_of_a_hand_built_layer():
@@ -85,7 +87,7 @@ def test_probe_run_is_cached_and_cka_cli_draws_the_map(two_runs, tmp_path, capsy
   first = probe.probe_run(a)
   assert set(first["layers"]["hidden"]) == set(probe.STATS)
   assert 0 < first["layers"]["hidden"]["zero_frac"] < 1  # ReLU: some units are off on some examples.
-  assert json.load(open(os.path.join(a, probe.PROBE_FILE)))["step"] == first["step"]
+  assert json.loads(pathlib.Path(a, probe.PROBE_FILE).read_text())["step"] == first["step"]
   matrix, names_a, names_b = probe.cka_runs(a, a)
   assert names_a == names_b == ["hidden", "logits"]
   np.testing.assert_allclose(np.diag(matrix), 1.0, rtol=1e-6)

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcollab import config as config_lib, metrics, reload, seeds, train
+from jaxcollab import config as config_lib
+from jaxcollab import metrics, reload, seeds, train
 
 # Float tolerance between a vmapped and a separate run: XLA may order a batched matmul's sums differently.
 RTOL, ATOL = 2e-5, 1e-6

@@ -6,7 +6,8 @@ import signal
 
 import pytest
 
-from jaxcollab import config as config_lib, main, metrics, seeds, sweep
+from jaxcollab import config as config_lib
+from jaxcollab import main, metrics, seeds, sweep
 from jaxcollab.config import UserError
 
 
