@@ -21,8 +21,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import stats
 
-from jaxcollab import checkpoint, data, metrics, probe, reload
-from jaxcollab.config import UserError
+from jaxcollab import checkpoint, data, plots, probe, records, reload
+from jaxcollab.errors import UserError
 
 FINAL_SPLITS = ("test", "eval_final")
 # The metric a comparison ranks by when --metric is not given, and its direction.
@@ -98,7 +98,7 @@ def find_workdirs(paths: list[str]) -> list[str]:
       raise UserError(f"{path!r} is not a directory; pass workdirs or sweep directories to compare.")
     for root, dirs, files in os.walk(path):
       dirs[:] = sorted(d for d in dirs if d not in ("checkpoints", "tensorboard", "plots"))
-      if "config.json" in files and metrics.METRICS_FILE in files:
+      if "config.json" in files and records.METRICS_FILE in files:
         found.append(os.path.normpath(root))
   if not found:
     raise UserError(f"No runs under {', '.join(paths)} (no directory with config.json and metrics.jsonl); "
@@ -123,11 +123,11 @@ def grid_keys(paths: list[str]) -> list[str]:
 def _wall_seconds(workdir: str) -> float | None:
   """From run.json's start to the last metrics row written (the newest training segment)."""
   try:
-    with open(os.path.join(workdir, metrics.RUN_FILE)) as f:
+    with open(os.path.join(workdir, records.RUN_FILE)) as f:
       start = datetime.datetime.fromisoformat(json.load(f)["start_time"]).timestamp()
   except (OSError, KeyError, ValueError):
     return None
-  return max(os.path.getmtime(os.path.join(workdir, metrics.METRICS_FILE)) - start, 0.0)
+  return max(os.path.getmtime(os.path.join(workdir, records.METRICS_FILE)) - start, 0.0)
 
 
 def _param_count(workdir: str) -> int | None:
@@ -144,7 +144,7 @@ def read_run(workdir: str, with_params: bool = True) -> RunRecord:
   """A workdir's flattened config, metric rows, final evaluation, wall time and parameter count."""
   with open(os.path.join(workdir, "config.json")) as f:
     config = _flatten(json.load(f))
-  rows = metrics.read_metrics(workdir)
+  rows = records.read_metrics(workdir)
   finals = [r for r in rows if r.get("split") in FINAL_SPLITS] or [r for r in rows if r.get("split") == "eval"]
   final = {k: v for k, v in finals[-1].items() if k not in ("step", "split")} if finals else {}
   return RunRecord(workdir, config, rows, final, _wall_seconds(workdir),
@@ -365,7 +365,7 @@ def plot_curves(c: Comparison, path: str) -> None:
   handles, labels = axes[0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="outside right center", fontsize="x-small")
   fig.set_layout_engine("constrained")
-  _save(fig, path)
+  plots.save(fig, path)
 
 
 def plot_bars(c: Comparison, path: str) -> None:
@@ -392,12 +392,7 @@ def plot_bars(c: Comparison, path: str) -> None:
   ax.set_title(f"final {m}: mean, 95% CI, seeds")
   ax.grid(alpha=0.3, axis="y")
   fig.set_layout_engine("constrained")
-  _save(fig, path)
-
-
-def _save(fig: Figure, path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  plots.save(fig, path)
 
 
 # ---- Activation statistics per group ------------------------------------------------------------
@@ -442,7 +437,7 @@ def plot_activations(rows: list[dict[str, Any]], path: str) -> None:
   handles, labels = axes[0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="outside right center", fontsize="x-small")
   fig.set_layout_engine("constrained")
-  _save(fig, path)
+  plots.save(fig, path)
 
 
 def compare(paths: list[str], metric: str | None = None, mode: str | None = None, baseline: str | None = None,

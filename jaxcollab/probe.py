@@ -20,8 +20,10 @@ import numpy as np
 import optax
 from matplotlib.figure import Figure
 
-from jaxcollab import data, losses, reload, train
-from jaxcollab.config import ConfigDict, UserError
+from jaxcollab import data, losses, plots, reload
+from jaxcollab import run as run_lib
+from jaxcollab.config import ConfigDict
+from jaxcollab.errors import UserError
 from jaxcollab.models import activations
 
 PyTree = Any
@@ -85,7 +87,7 @@ def _probe_fn(model, model_name: str, activation: str, loss_json: str) -> Callab
   loss_fn = losses.get_loss(ConfigDict(json.loads(loss_json)))
 
   def fn(variables, batch):
-    x = train.model_input(batch)
+    x = run_lib.model_input(batch)
     layers = layer_outputs(model, variables, x, model_name, activation)
     mask = batch["mask"]
 
@@ -161,7 +163,7 @@ def cka_runs(workdir_a: str, workdir_b: str, n: int = PROBE_SIZE) -> tuple[np.nd
     raise UserError(f"The runs trained on different datasets ({reps[0][0].dataset.name} and "
                     f"{reps[1][0].dataset.name}); CKA compares representations of the same probe examples.")
   batch = probe_batch(data.get_dataset(reps[0][0]), n)
-  x = train.model_input(batch)
+  x = run_lib.model_input(batch)
   layers = [layer_outputs(m, v, x, c.model.name, c.model.activation) for c, m, v in reps]
   rows = _rows(x)
   a = {k: np.asarray(v).reshape(rows, -1) for k, v in layers[0].items()}
@@ -186,8 +188,7 @@ def plot_cka(matrix: np.ndarray, names_a: list[str], names_b: list[str], path: s
   ax.set_ylabel("A")
   ax.set_title(title or "linear CKA")
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  plots.save(fig, path)
 
 
 def cka(workdir_a: str, workdir_b: str, out: str | None = None, n: int = PROBE_SIZE) -> tuple[np.ndarray, str]:

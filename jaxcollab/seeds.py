@@ -26,7 +26,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxcollab import checkpoint, evaluate, metrics, sharding, train
 from jaxcollab import config as config_lib
+from jaxcollab import run as run_lib
 from jaxcollab.config import ConfigDict
+from jaxcollab.run import TrainState
 
 PyTree = Any
 _DATA_FIELDS = ("step", "params", "opt_state", "batch_stats", "rng")
@@ -34,7 +36,7 @@ _DATA_FIELDS = ("step", "params", "opt_state", "batch_stats", "rng")
 
 def why_not_vmapped(config: ConfigDict) -> str | None:
   """The reason these seeds must train one at a time, or None when they can share one program."""
-  config = config_lib.validate(config)
+  config = run_lib.resolve(config, drop_unread=True)
   if config.model.name == "resnet":
     return "BatchNorm statistics (model resnet) are mutable state that this loop does not stack"
   if config.train.target:
@@ -46,13 +48,13 @@ def why_not_vmapped(config: ConfigDict) -> str | None:
   return None
 
 
-def _stack(states: list[train.TrainState], like: train.TrainState) -> train.TrainState:
+def _stack(states: list[TrainState], like: TrainState) -> TrainState:
   """One TrainState whose array leaves carry a leading seed axis; static fields from `like`."""
   fields = {f: jax.tree.map(lambda *xs: jnp.stack(xs), *[getattr(s, f) for s in states]) for f in _DATA_FIELDS}
   return like.replace(**fields)
 
 
-def _unstack(state: train.TrainState, i: int) -> train.TrainState:
+def _unstack(state: TrainState, i: int) -> TrainState:
   return state.replace(**{f: jax.tree.map(lambda x: x[i], getattr(state, f)) for f in _DATA_FIELDS})
 
 
@@ -75,7 +77,7 @@ class Stacked:
 
   def __init__(self, configs: list[ConfigDict]):
     _same_but_seed(configs)
-    self.runs = [train.build(c) for c in configs]
+    self.runs = [run_lib.build(c) for c in configs]
     run = self.runs[0]
     self.mesh, self.rules = run.mesh, run.rules
     self.shardings = jax.tree.map(_seed_axis, run.shardings)
@@ -93,15 +95,15 @@ class Stacked:
                                            self.evaluator.batch_sharding),
                              out_shardings=NamedSharding(run.mesh, P()))
 
-  def init_state(self) -> train.TrainState:
+  def init_state(self) -> TrainState:
     """Every seed's initial state (the same numbers as its own `run.init_state()`), in one compiled program."""
-    like = self.runs[0].state
+    like = self.runs[0].abstract_state
     return jax.jit(lambda: _stack([r.init_fn() for r in self.runs], like), out_shardings=self.shardings)()
 
-  def stack(self, states: list[train.TrainState]) -> train.TrainState:
-    return jax.device_put(_stack(states, self.runs[0].state), self.shardings)
+  def stack(self, states: list[TrainState]) -> TrainState:
+    return jax.device_put(_stack(states, self.runs[0].abstract_state), self.shardings)
 
-  def eval_sums(self, state: train.TrainState) -> list[dict[str, np.ndarray]]:
+  def eval_sums(self, state: TrainState) -> list[dict[str, np.ndarray]]:
     """Each seed's eval sums (see `Evaluator.sums`), every eval batch evaluated for all seeds at once."""
     e = self.evaluator
     totals = None
@@ -144,7 +146,8 @@ def train_seeds(configs: list[ConfigDict], workdirs: list[str],
       it = r.dataset.train_iterator(batch_size=config.train.batch_size, seed=r.config.seed)
       seeds.append(_Seed(w, r.config, it, checkpoint.Checkpointer(w, r.config, dataclasses.asdict(info),
                                                                   dict(r.mesh.shape))))
-    restored = [s.ckpt.restore_latest(r, s.train_iter) for s, r in zip(seeds, stacked.runs)]
+    restored = [s.ckpt.restore_latest(r.abstract_state, r.shardings, s.train_iter)
+                for s, r in zip(seeds, stacked.runs)]
     if any(x is not None for x in restored):
       steps = {None if x is None else int(jax.device_get(x.step)) for x in restored}
       if len(steps) != 1:
@@ -163,7 +166,7 @@ def train_seeds(configs: list[ConfigDict], workdirs: list[str],
         s.writer.close()
 
 
-def _loop(stacked: Stacked, seeds: list[_Seed], state: train.TrainState,
+def _loop(stacked: Stacked, seeds: list[_Seed], state: TrainState,
           on_step: Callable[[int], None] | None) -> list[dict[str, float]]:
   run = stacked.runs[0]
   config, info = run.config, run.dataset.info

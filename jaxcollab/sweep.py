@@ -21,10 +21,12 @@ from typing import Any
 
 import tqdm
 
-from jaxcollab import compare, metrics, train
+from jaxcollab import compare, records, train
 from jaxcollab import config as config_lib
+from jaxcollab import run as run_lib
 from jaxcollab import seeds as seeds_lib
-from jaxcollab.config import ConfigDict, UserError
+from jaxcollab.config import ConfigDict
+from jaxcollab.errors import UserError
 
 SWEEP_FILE = "sweep.json"
 LOG_FILE = "train.log"
@@ -123,18 +125,24 @@ class Plan:
     return len(self.cells) * len(self.seeds)
 
 
-def expand(config: ConfigDict, grid: dict[str, list[str]]) -> list[Cell]:
-  """The cartesian product of the grid on top of `config`, each cell's config validated."""
+def _resolve(config: ConfigDict, overrides: list[str]) -> ConfigDict:
+  """What `jaxcollab train` does with its --config overrides: parse, check the shared keys, then the model's."""
+  config = config_lib.validate(config_lib.apply_overrides(config, overrides))
+  return run_lib.resolve(config, config_lib.override_keys(overrides))
+
+
+def expand(config: ConfigDict, grid: dict[str, list[str]], overrides: list[str] = ()) -> list[Cell]:
+  """The cartesian product of the grid on top of `config` (+ `overrides`), each cell's config resolved."""
   cells = []
   for combo in itertools.product(*grid.values()):
     items = [f"{k}={v}" for k, v in zip(grid, combo)]
-    cell_config = config_lib.apply_overrides(config, items)  # Same parsing and checks as --config.KEY=VALUE.
-    values = {k: cell_config[k.split(".")[0]][k.split(".", 1)[1]] if "." in k else cell_config[k] for k in grid}
+    parsed = config_lib.apply_overrides(config, items)  # Parse errors name the key, before any cell name exists.
+    values = {k: config_lib.flat(parsed)[k] for k in grid}
     name = compare.group_name(values) if grid else "base"
     try:
-      config_lib.validate(cell_config)
+      cell_config = _resolve(config, [*overrides, *items])
     except UserError as e:
-      raise UserError(f"Grid cell {name}: {e}") from e
+      raise type(e)(f"Grid cell {name}: {e}") from e
     cells.append(Cell(name, values, cell_config))
   names = [c.name for c in cells]
   if len(set(names)) != len(names):
@@ -160,9 +168,9 @@ def plan(experiment: str, directory: str, grid_items: list[str], seeds: str | No
       raise UserError(f"{key!r} is both a grid key and a --config override; give it in one place.")
   if "seed" in grid:
     raise UserError("Sweep seeds with --seeds (e.g. --seeds 0-4), not as a grid key.")
-  config = config_lib.apply_overrides(config, overrides)
   seed_list = parse_seeds(seeds) if seeds is not None else list(declared.get("seeds", [config.seed]))
-  p = Plan(os.path.abspath(directory), experiment, grid, seed_list, list(overrides), expand(config, grid), sequential)
+  cells = expand(config, grid, overrides)
+  p = Plan(os.path.abspath(directory), experiment, grid, seed_list, list(overrides), cells, sequential)
   for cell in p.cells:
     for seed in p.seeds:
       _check_same_config(p.workdir(cell, seed), p.config(cell, seed))
@@ -174,8 +182,9 @@ def _check_same_config(workdir: str, config: ConfigDict) -> None:
   if not os.path.exists(path):
     return
   with open(path) as f:
-    saved = compare._flatten(json.load(f))  # pylint: disable=protected-access
-  now = compare._flatten(json.loads(config_lib.to_json(config_lib.validate(config))))  # pylint: disable=protected-access
+    saved = config_lib.from_json(f.read())
+  # Both as a run would read them: keys of another model (older saves kept them all) dropped.
+  saved, now = (config_lib.flat(run_lib.resolve(c, drop_unread=True)) for c in (saved, config))
   changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
   if changed:
     raise UserError(f"{workdir} was trained with a different config ({changed[0]} was {saved.get(changed[0])!r}, "
@@ -184,8 +193,8 @@ def _check_same_config(workdir: str, config: ConfigDict) -> None:
 
 def finished(workdir: str) -> bool:
   """Whether the run in `workdir` wrote its final evaluation (train does that last)."""
-  path = os.path.join(workdir, metrics.METRICS_FILE)
-  return os.path.exists(path) and any(r.get("split") in compare.FINAL_SPLITS for r in metrics.read_metrics(workdir))
+  path = os.path.join(workdir, records.METRICS_FILE)
+  return os.path.exists(path) and any(r.get("split") in compare.FINAL_SPLITS for r in records.read_metrics(workdir))
 
 
 def _write_record(p: Plan, status: dict[str, dict]) -> None:
@@ -195,7 +204,7 @@ def _write_record(p: Plan, status: dict[str, dict]) -> None:
                       for c in p.cells],
             "runs": status}
   os.makedirs(p.directory, exist_ok=True)
-  metrics._write_atomic(os.path.join(p.directory, SWEEP_FILE), json.dumps(record, indent=2) + "\n")  # pylint: disable=protected-access
+  records.write_atomic(os.path.join(p.directory, SWEEP_FILE), json.dumps(record, indent=2) + "\n")  # pylint: disable=protected-access
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxcollab import config as config_lib
-from jaxcollab import metrics, reload, seeds, train
+from jaxcollab import records, reload, seeds, train
 
 # Float tolerance between a vmapped and a separate run: XLA may order a batched matmul's sums differently.
 RTOL, ATOL = 2e-5, 1e-6
@@ -22,7 +22,7 @@ def _configs(name, *overrides, seeds_=(0, 1)):
 
 
 def _rows(workdir):
-  return [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in metrics.read_metrics(workdir)]
+  return [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in records.read_metrics(workdir)]
 
 
 def _assert_rows_close(a, b):

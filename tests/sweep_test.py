@@ -7,8 +7,8 @@ import signal
 import pytest
 
 from jaxcollab import config as config_lib
-from jaxcollab import main, metrics, seeds, sweep
-from jaxcollab.config import UserError
+from jaxcollab import main, records, seeds, sweep
+from jaxcollab.errors import UserError
 
 
 def test_values_split_at_top_level_commas_only():
@@ -80,7 +80,7 @@ def test_help(capsys):
 
 
 def _rows(workdir):
-  return [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in metrics.read_metrics(workdir)]
+  return [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in records.read_metrics(workdir)]
 
 
 @pytest.mark.slow
