@@ -137,7 +137,7 @@ def _param_count(workdir: str) -> int | None:
     tree = checkpoint.read_state_metadata(ref.path, ref.step)
   except (UserError, OSError):
     return None
-  return int(sum(math.prod(s) for s in checkpoint.leaf_paths(tree.get("params", {})).values()))
+  return int(sum(math.prod(s) for s in checkpoint.leaf_shapes(tree.get("params", {})).values()))
 
 
 def read_run(workdir: str, with_params: bool = True) -> RunRecord:
