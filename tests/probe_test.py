@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from jaxcollab import config as config_lib
-from jaxcollab import main, models, probe, seeds
+from jaxcollab import main, probe, seeds
+from jaxcollab.models import mlp
 
 
 def test_statistics_of_a_hand_built_layer():
@@ -33,7 +34,7 @@ def test_statistics_of_a_hand_built_layer():
 
 
 def test_probe_of_an_mlp_matches_a_manual_forward_and_gradient():
-  model = models.MLP(models.MLPConfig(num_classes=3, hidden=4, activation="tanh"))
+  model = mlp.MLP(mlp.MLPConfig(num_classes=3, hidden=4, activation="tanh"))
   x = jax.random.normal(jax.random.PRNGKey(0), (6, 2, 2, 1))
   params = nn.unbox(model.init(jax.random.PRNGKey(1), x))["params"]
   labels = jnp.array([0, 1, 2, 0, 1, 2])
