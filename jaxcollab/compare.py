@@ -173,7 +173,10 @@ def group_runs(runs: list[RunRecord], key_order: list[str] | None = None) -> lis
   """
   order = key_order or []
   keys = sorted({k for r in runs for k in r.config}, key=lambda k: (order.index(k) if k in order else len(order), k))
-  differing = [k for k in keys if k not in IGNORED_KEYS and len({repr(r.config.get(k)) for r in runs}) > 1]
+  # A key that only some runs have (another model's field) but with one value says nothing the
+  # model name does not: it differs only where its value does.
+  differing = [k for k in keys
+               if k not in IGNORED_KEYS and len({repr(r.config[k]) for r in runs if k in r.config}) > 1]
   groups: dict[str, Group] = {}
   for r in runs:
     values = {k: r.config.get(k) for k in differing}
