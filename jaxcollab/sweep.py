@@ -26,7 +26,7 @@ from jaxcollab import config as config_lib
 from jaxcollab import run as run_lib
 from jaxcollab import seeds as seeds_lib
 from jaxcollab.config import ConfigDict
-from jaxcollab.errors import UserError
+from jaxcollab.errors import NonFiniteLossError, UserError
 
 SWEEP_FILE = "sweep.json"
 LOG_FILE = "train.log"
@@ -282,6 +282,12 @@ def _run_cell(p: Plan, cell: Cell, pending: list[int], bar: tqdm.tqdm) -> dict[i
     try:
       with _logged_to(workdirs[0]):
         results = seeds_lib.train_seeds(configs, workdirs)
+    except NonFiniteLossError as e:
+      # One seed diverged and stopped them all: train each alone from its last checkpoint, so that
+      # only the diverging seeds fail.
+      with open(os.path.join(workdirs[0], LOG_FILE), "a") as f:
+        print(f"{e} Training these seeds one at a time.", file=f)
+      results = None
     except Exception as e:  # noqa: BLE001  # One cell's failure must not stop the sweep.
       with open(os.path.join(workdirs[0], LOG_FILE), "a") as f:
         traceback.print_exc(file=f)

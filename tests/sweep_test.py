@@ -120,12 +120,15 @@ def test_killed_sweep_restarts_only_what_is_missing(tmp_path, monkeypatch):
 
 def test_failing_run_is_reported_and_the_sweep_goes_on(tmp_path, capsys):
   # A learning rate this large makes the loss NaN: that cell fails, the other still trains.
+  # Its two seeds diverge together in the vmapped program, then again one at a time.
   code = sweep.sweep("mlp_digits:smoke", str(tmp_path), ["optimizer.learning_rate=1e30,0.001",
-                                                              "model.activation=relu"], "0", [])
+                                                              "model.activation=relu"], "0-1", [])
   err = capsys.readouterr().err
   assert code == 1
-  assert "FAILED learning_rate=1e+30,activation=relu/seed_0: NonFiniteLossError" in err
-  assert sweep.finished(str(tmp_path / "learning_rate=0.001,activation=relu" / "seed_0"))
+  for s in (0, 1):
+    assert f"FAILED learning_rate=1e+30,activation=relu/seed_{s}: NonFiniteLossError" in err
+    assert sweep.finished(str(tmp_path / "learning_rate=0.001,activation=relu" / f"seed_{s}"))
+  assert "2 failed" in err
 
 
 def test_resnet_falls_back_to_one_seed_at_a_time():
