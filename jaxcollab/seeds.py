@@ -89,6 +89,7 @@ class Stacked:
 
     self.train_step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
                               out_shardings=(self.shardings, None), donate_argnums=0)
+    self._unstack = None
     self.evaluator = evaluate.Evaluator(run)
     self.eval_step = jax.jit(jax.vmap(self.evaluator.eval_step, in_axes=(0, 0, None)),
                              in_shardings=(self.shardings.params, self.shardings.batch_stats,
@@ -102,6 +103,20 @@ class Stacked:
 
   def stack(self, states: list[TrainState]) -> TrainState:
     return jax.device_put(_stack(states, self.runs[0].abstract_state), self.shardings)
+
+  def unstack(self, state: TrainState) -> list[TrainState]:
+    """Each seed's state, sliced in one compiled program (eager slicing would compile one per leaf shape)."""
+    if self._unstack is None:
+      self._unstack = jax.jit(lambda s: [_unstack(s, i) for i in range(len(self.runs))],
+                              out_shardings=[self.runs[0].shardings] * len(self.runs))
+    return self._unstack(state)
+
+  def batch(self, local: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
+    """The seeds' batches stacked on the seed axis, placed in one transfer."""
+    stacked = {k: np.stack([b[k] for b in local]) for k in local[0]}
+    if jax.process_count() == 1:
+      return jax.device_put(stacked, self.batch_sharding)
+    return sharding.to_global(stacked, self.batch_sharding)
 
   def eval_sums(self, state: TrainState) -> list[dict[str, np.ndarray]]:
     """Each seed's eval sums (see `Evaluator.sums`), every eval batch evaluated for all seeds at once."""
@@ -191,9 +206,11 @@ def _loop(stacked: Stacked, seeds: list[_Seed], state: TrainState,
     step, device_metrics = pending
     pending = None
     host = jax.device_get(device_metrics)  # One transfer for all seeds.
-    for i, s in enumerate(seeds):
-      s.logger.push(step, {k: v[i] for k, v in host.items()})
-      s.logger.flush()
+    # Checked at every step, as train does; rows are built only on the steps that log them.
+    if step % config.train.log_every == 0 or step == config.train.steps or not np.isfinite(host["loss"]).all():
+      for i, s in enumerate(seeds):
+        s.logger.push(step, {k: v[i] for k, v in host.items()})
+        s.logger.flush()
 
   def evaluate_all(step):
     flush()
@@ -207,8 +224,7 @@ def _loop(stacked: Stacked, seeds: list[_Seed], state: TrainState,
   step, sums, stopped = start, None, False
   finished = start >= config.train.steps
   while not finished:
-    local = [next(s.train_iter) for s in seeds]
-    batch = sharding.to_global({k: np.stack([b[k] for b in local]) for k in local[0]}, stacked.batch_sharding)
+    batch = stacked.batch([next(s.train_iter) for s in seeds])
     state, step_metrics = stacked.train_step(state, batch)
     step += 1
     flush()
@@ -219,8 +235,8 @@ def _loop(stacked: Stacked, seeds: list[_Seed], state: TrainState,
     stopped = not finished and any(s.ckpt.preempted(step) for s in seeds)
     if finished or stopped or seeds[0].ckpt.due(step):
       flush()
-      for i, s in enumerate(seeds):
-        s.ckpt.save(step, _unstack(state, i), s.train_iter)
+      for s, seed_state in zip(seeds, stacked.unstack(state)):
+        s.ckpt.save(step, seed_state, s.train_iter)
     if on_step is not None:
       on_step(step)
     if stopped:
@@ -244,8 +260,7 @@ def time_steps(configs: list[ConfigDict], steps: int) -> float:
   iters = [r.dataset.train_iterator(batch_size=r.config.train.batch_size, seed=r.config.seed) for r in stacked.runs]
 
   def batch():
-    local = [next(it) for it in iters]
-    return sharding.to_global({k: np.stack([b[k] for b in local]) for k in local[0]}, stacked.batch_sharding)
+    return stacked.batch([next(it) for it in iters])
 
   state, m = stacked.train_step(state, batch())
   jax.block_until_ready(m)

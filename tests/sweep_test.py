@@ -27,7 +27,7 @@ def test_grid_is_the_cartesian_product_with_readable_names():
   config = config_lib.load_experiment("ablate_digits", "smoke")
   grid = sweep.parse_grid(["model.activation=relu,tanh,sigmoid", "loss.name=cross_entropy,mse",
                            "model.features=(8,16),(4,)"])
-  cells = sweep.expand(config, grid)
+  cells = sweep.expand(config, grid, ["model.name=cnn"])
   assert len(cells) == 3 * 2 * 2
   names = [c.name for c in cells]
   assert names[0] == "activation=relu,loss=cross_entropy,features=8x16"
@@ -51,7 +51,8 @@ def test_declared_grid_and_seeds_come_from_get_sweep(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--grid", "model.activaton=relu"], "did you mean 'model.activation'"),
+    (["--grid", "optimizer.learnin_rate=0.1"], "did you mean 'optimizer.learning_rate'"),
+    (["--grid", "model.activaton=relu"], "does not read model.activaton; its keys are model.name, model.activation"),
     (["--grid", "train.steps=10,abc"], "'train.steps' must be int"),
     (["--grid", "model.activation="], "has an empty value"),
     (["--grid", "model.activation=relu,,gelu"], "has an empty value"),
@@ -140,7 +141,7 @@ def test_resnet_falls_back_to_one_seed_at_a_time():
 def test_changed_config_in_an_existing_sweep_is_a_user_error(tmp_path):
   workdir = tmp_path / "activation=relu" / "seed_0"
   workdir.mkdir(parents=True)
-  config = config_lib.apply_overrides(config_lib.load_experiment("ablate_digits", "smoke"), ["train.steps=99"])
+  config = config_lib.apply_overrides(config_lib.load_experiment("mlp_digits", "smoke"), ["train.steps=99"])
   (workdir / "config.json").write_text(config_lib.to_json(config_lib.validate(config)))
   with pytest.raises(UserError, match="train.steps was 99"):
-    sweep.plan("ablate_digits:smoke", str(tmp_path), ["model.activation=relu"], "0", [])
+    sweep.plan("mlp_digits:smoke", str(tmp_path), ["model.activation=relu"], "0", [])
