@@ -12,6 +12,7 @@ sides rotate order between experiments. Prints a table and writes benchmarks/res
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -53,9 +54,9 @@ def main() -> None:
   cases = {"mlp_digits": [f"--config.train.steps={args.steps}"] if args.steps else [], "gpt_pydocs:smoke": []}
   rows = []
   for i, (experiment, overrides) in enumerate(cases.items()):
-    sides = {"vmapped": lambda: _sweep(experiment, args.seeds, False, overrides),
-             "sequential": lambda: _sweep(experiment, args.seeds, True, overrides),
-             "trains": lambda: _trains(experiment, args.seeds, overrides)}
+    sides = {"vmapped": functools.partial(_sweep, experiment, args.seeds, False, overrides),
+             "sequential": functools.partial(_sweep, experiment, args.seeds, True, overrides),
+             "trains": functools.partial(_trains, experiment, args.seeds, overrides)}
     names = list(sides)
     seconds = {name: sides[name]() for name in names[i % 3:] + names[:i % 3]}  # Rotate which side runs first.
     rows.append({"experiment": experiment, "overrides": overrides, "seeds": args.seeds,
