@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxcollab import checkpoint as ckpt
+from jaxcollab import bundle, checkpoint as ckpt
 from jaxcollab import config as config_lib
 from jaxcollab.config import ConfigDict
 
@@ -114,9 +114,12 @@ def read_state_numpy(ref: StepRef, keys: tuple[str, ...] | None = None, verified
 
 
 def load(path: str, step: int | None = None):
-  """(model, variables, config) of a saved step, on this process's default device."""
+  """(model, variables, config) of a saved step or an exported bundle, on this process's default device."""
   from jaxcollab import data, models  # pylint: disable=g-import-not-at-top
 
+  if bundle.is_bundle(path):
+    loaded = bundle.load_any(path, step)
+    return loaded.model, loaded.variables, loaded.config
   ref = resolve(path, step)
   with _reading(ref):
     ckpt.verify(ref.path, ref.step)
