@@ -25,12 +25,13 @@ import time
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.monitoring  # noqa: E402
-import numpy as np  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.monitoring
+import numpy as np
 
-from jaxcollab import bundle, config as config_lib, export, infer  # noqa: E402
+from jaxcollab import bundle, export, infer
+from jaxcollab import config as config_lib
 
 PROMPT_LEN, NEW_TOKENS, CONTEXT = 16, 256, 272
 
@@ -64,7 +65,9 @@ def _torch_reference(loaded: bundle.Loaded, prompts: np.ndarray, repeats: int, p
 
   def run():
     with torch.no_grad():
-      out["y"] = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True, pad_token_id=0)
+      out["y"] = hf.generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True, pad_token_id=0
+      )
 
   return _seconds(run, repeats), out["y"][:, PROMPT_LEN:].numpy()
 
@@ -75,8 +78,17 @@ def main() -> None:
   parser.add_argument("--batches", default="1,8")
   args = parser.parse_args()
   config = _config()
-  dataset = {"name": "pydocs", "kind": "text", "image_shape": None, "num_classes": None, "vocab_size": 256,
-             "seq_len": CONTEXT, "eval_split": "validation", "train_size": 0, "eval_size": 0}
+  dataset = {
+    "name": "pydocs",
+    "kind": "text",
+    "image_shape": None,
+    "num_classes": None,
+    "vocab_size": 256,
+    "seq_len": CONTEXT,
+    "eval_split": "validation",
+    "train_size": 0,
+    "eval_size": 0,
+  }
   model = bundle.build_model(config, dataset)
   variables = nn.unbox(model.init(jax.random.key(0), bundle.example_input(dataset)))
   loaded = bundle.Loaded(model, variables, config, dataset, 0, {})
@@ -90,8 +102,10 @@ def main() -> None:
     row = {"batch": B}
     for name, use_cache in (("cached", True), ("uncached", False)):
       out = {}
-      run = lambda use_cache=use_cache, out=out: out.setdefault("tokens", infer.generate(
-          model, variables["params"], prompts.tolist(), NEW_TOKENS, temperature=0, use_cache=use_cache))
+      run = lambda use_cache=use_cache, out=out, prompts=prompts: out.setdefault(
+        "tokens",
+        infer.generate(model, variables["params"], prompts.tolist(), NEW_TOKENS, temperature=0, use_cache=use_cache),
+      )
       # The uncached loop is slow: one timed run is enough to see the ratio.
       seconds = _seconds(run, args.repeats if use_cache else 1)
       row[f"{name} tokens/s"] = round(B * NEW_TOKENS / seconds, 1)
@@ -117,8 +131,17 @@ def main() -> None:
       compiles.append(event)
 
   jax.monitoring.register_event_duration_secs_listener(listener)
-  infer.sample(model, variables, config, "A second, longer prompt", max_new_tokens=64, temperature=0.8, top_k=40,
-               top_p=0.95, seed=1)
+  infer.sample(
+    model,
+    variables,
+    config,
+    "A second, longer prompt",
+    max_new_tokens=64,
+    temperature=0.8,
+    top_k=40,
+    top_p=0.95,
+    seed=1,
+  )
   jax.monitoring.unregister_event_duration_listener(listener)
 
   keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -126,10 +149,21 @@ def main() -> None:
   for r in rows:
     print(" | ".join(str(r.get(k, "")) for k in keys))
   print(f"compilations during the second sample call: {len(compiles)}")
-  result = {"rows": rows, "second_call_compiles": len(compiles), "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
-            "context": CONTEXT, "model": {k: config.model[k] for k in ("num_layers", "num_heads", "embed_dim", "mlp_dim")},
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
-                        "devices": str(jax.devices())}, "argv": sys.argv}
+  result = {
+    "rows": rows,
+    "second_call_compiles": len(compiles),
+    "prompt_len": PROMPT_LEN,
+    "new_tokens": NEW_TOKENS,
+    "context": CONTEXT,
+    "model": {k: config.model[k] for k in ("num_layers", "num_heads", "embed_dim", "mlp_dim")},
+    "machine": {
+      "cpus": os.cpu_count(),
+      "platform": platform.platform(),
+      "jax": jax.__version__,
+      "devices": str(jax.devices()),
+    },
+    "argv": sys.argv,
+  }
   os.makedirs(results_dir, exist_ok=True)
   with open(os.path.join(results_dir, "decode.json"), "w") as f:
     json.dump(result, f, indent=2)

@@ -24,7 +24,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from jaxcollab import config as config_lib, models
+from jaxcollab import config as config_lib
+from jaxcollab import models
 from jaxcollab.config import ConfigDict, UserError
 
 PyTree = Any
@@ -51,8 +52,11 @@ class Loaded:
 
 def is_bundle(path: str) -> bool:
   """A directory with bundle files and no checkpoints (a damaged bundle still counts, to say what is wrong)."""
-  return os.path.isdir(path) and not os.path.isdir(os.path.join(path, "checkpoints")) and any(
-      os.path.exists(os.path.join(path, f)) for f in (MANIFEST, WEIGHTS))
+  return (
+    os.path.isdir(path)
+    and not os.path.isdir(os.path.join(path, "checkpoints"))
+    and any(os.path.exists(os.path.join(path, f)) for f in (MANIFEST, WEIGHTS))
+  )
 
 
 def _leaves(tree: PyTree) -> dict[str, Any]:
@@ -104,8 +108,14 @@ def write(out: str, loaded: Loaded, card: str, extra: dict[str, Any]) -> None:
   safetensors.numpy.save_file(flatten(loaded.variables), os.path.join(out, WEIGHTS), metadata={"format": FORMAT})
   with open(os.path.join(out, CONFIG), "w") as f:
     f.write(config_lib.to_json(loaded.config))
-  manifest = {"format": FORMAT, "format_version": 1, "step": loaded.step, "dataset": loaded.dataset, **extra,
-              "sha256": {name: sha256(os.path.join(out, name)) for name in CHECKED}}
+  manifest = {
+    "format": FORMAT,
+    "format_version": 1,
+    "step": loaded.step,
+    "dataset": loaded.dataset,
+    **extra,
+    "sha256": {name: sha256(os.path.join(out, name)) for name in CHECKED},
+  }
   with open(os.path.join(out, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=2)
   with open(os.path.join(out, CARD), "w") as f:
@@ -118,8 +128,11 @@ def read(path: str) -> Loaded:
   again = "export it again with `jaxcollab export`"
   missing = [f for f in (MANIFEST, *CHECKED) if not os.path.isfile(os.path.join(path, f))]
   if missing:
-    hint = ("; it looks like a Hugging Face export, which `transformers` loads" if not os.path.exists(
-        os.path.join(path, MANIFEST)) and os.path.isfile(os.path.join(path, WEIGHTS)) else "")
+    hint = (
+      "; it looks like a Hugging Face export, which `transformers` loads"
+      if not os.path.exists(os.path.join(path, MANIFEST)) and os.path.isfile(os.path.join(path, WEIGHTS))
+      else ""
+    )
     raise BundleError(f"{where} has no {' or '.join(missing)}{hint}; {again}.")
   try:
     with open(os.path.join(path, MANIFEST)) as f:
@@ -148,8 +161,10 @@ def check_fits(model: nn.Module, variables: PyTree, dataset: dict[str, Any], whe
   got = {k: tuple(np.shape(v)) for k, v in _leaves(variables).items()}
   wrong = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
   if wrong:
-    raise BundleError(f"{where}: the weights do not fit the model its config.json describes ({len(wrong)} arrays "
-                      f"differ, e.g. {wrong[0]}: {got.get(wrong[0])} vs {expected.get(wrong[0])}); export it again.")
+    raise BundleError(
+      f"{where}: the weights do not fit the model its config.json describes ({len(wrong)} arrays "
+      f"differ, e.g. {wrong[0]}: {got.get(wrong[0])} vs {expected.get(wrong[0])}); export it again."
+    )
 
 
 def load_any(path: str, step: int | None = None) -> Loaded:

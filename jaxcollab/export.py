@@ -17,9 +17,18 @@ from jaxcollab import bundle
 from jaxcollab.config import UserError
 
 FORMATS = ("bundle", "hf")
+_PROMPT = "The "
 # jaxcollab activation -> transformers' ACT2FN name computing the same function (jax's gelu is the tanh form).
-HF_ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu", "silu": "silu", "swish": "silu", "tanh": "tanh",
-                  "sigmoid": "sigmoid", "leaky_relu": "leaky_relu", "identity": "linear"}
+HF_ACTIVATIONS = {
+  "gelu": "gelu_new",
+  "relu": "relu",
+  "silu": "silu",
+  "swish": "silu",
+  "tanh": "tanh",
+  "sigmoid": "sigmoid",
+  "leaky_relu": "leaky_relu",
+  "identity": "linear",
+}
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -53,43 +62,80 @@ def param_count(loaded: bundle.Loaded) -> int:
   return int(sum(np.size(x) for x in bundle.flatten(loaded.variables["params"]).values()))
 
 
+def _table(shown: list[tuple[str, dict[str, Any]]], eval_split: str) -> list[str]:
+  keys = sorted({k for _, m in shown for k in m})
+  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+  return [
+    f"| split | {' | '.join(keys)} |",
+    "|---" * (len(keys) + 1) + "|",
+    *(f"| {split} ({eval_split}) | {' | '.join(fmt(m.get(k, '')) for k in keys)} |" for split, m in shown),
+  ]
+
+
 def model_card(loaded: bundle.Loaded, run: dict[str, Any], rows: list[dict[str, Any]], title: str) -> str:
   """README.md for a bundle: what it is, how well it does at this step, and how to make it again."""
   c, d = loaded.config, loaded.dataset
   evals = loaded.meta.get("eval") or {}
-  lines = [f"# {title}", "",
-           f"A `{c.model.name}` model (activation `{c.model.activation}`) trained by jaxcollab on `{d['name']}` "
-           f"({d['kind']}), exported at step {loaded.step} of {c.train.steps}; "
-           f"{param_count(loaded):,} parameters.", "", "## Evaluation at this step", ""]
   shown = [("eval", evals)] if evals else []
-  shown += [(r["split"], {k: v for k, v in r.items() if k not in ("step", "split")}) for r in rows
-            if r.get("split") != "eval" or not evals]
-  if shown:
-    lines += ["| split | " + " | ".join(sorted({k for _, m in shown for k in m})) + " |"]
-    keys = sorted({k for _, m in shown for k in m})
-    lines += ["|---" * (len(keys) + 1) + "|"]
-    lines += [f"| {split} ({d.get('eval_split', '')}) | " + " | ".join(
-        f"{m[k]:.4f}" if isinstance(m.get(k), float) else str(m.get(k, "")) for k in keys) + " |"
-              for split, m in shown]
-  else:
-    lines += ["No evaluation was recorded at this step; run `jaxcollab eval --workdir BUNDLE`."]
+  shown += [
+    (r["split"], {k: v for k, v in r.items() if k not in ("step", "split")})
+    for r in rows
+    if r.get("split") != "eval" or not evals
+  ]
   argv = run.get("command", "").split(" ")
-  command = " ".join(["jaxcollab", *argv[1:]]) if argv and argv[0] else "(run.json not found)"
+  command = " ".join(["jaxcollab", *argv[1:]]) if argv[0] else "(not recorded: run.json is missing)"
   commit = run.get("git_commit")
-  lines += ["", "## Reproduce", "", "```", command, "```", "",
-            f"jaxcollab source at git commit `{commit}`{' (with uncommitted changes)' if run.get('git_dirty') else ''}."
-            if commit else "The git commit of the training code was not recorded.",
-            f"That command saves step {loaded.step} on its way when `checkpoint.every` divides it; `config.json` "
-            "here is the full resolved config it trained with.", "",
-            "## Use it", "", "```",
-            *(["jaxcollab sample --workdir THIS_DIR --prompt 'The '"] if d["kind"] == "text" else
-              ["jaxcollab predict --workdir THIS_DIR image.png"]),
-            "jaxcollab eval --workdir THIS_DIR", "```", "",
-            "In Python, `model, variables, config = jaxcollab.load('THIS_DIR')` needs neither orbax nor jaxcollab's "
-            "training code; `model.safetensors` holds the arrays under their flattened paths.", "",
-            "## Versions", ""]
+  dirty = " (with uncommitted changes)" if run.get("git_dirty") else ""
+  use = (
+    f"jaxcollab sample --workdir THIS_DIR --prompt {_PROMPT!r}"
+    if d["kind"] == "text"
+    else "jaxcollab predict --workdir THIS_DIR image.png"
+  )
   versions = run.get("versions") or loaded.meta.get("versions") or {}
-  lines += [f"- {k} {v}" for k, v in versions.items()] or ["(not recorded)"]
+  lines = [
+    f"# {title}",
+    "",
+    (
+      f"A `{c.model.name}` model (activation `{c.model.activation}`) trained by jaxcollab on `{d['name']}` "
+      f"({d['kind']}), exported at step {loaded.step} of {c.train.steps}; {param_count(loaded):,} parameters."
+    ),
+    "",
+    "## Evaluation at this step",
+    "",
+    *(
+      _table(shown, d.get("eval_split", ""))
+      if shown
+      else ["No evaluation was recorded at this step; run `jaxcollab eval --workdir THIS_DIR`."]
+    ),
+    "",
+    "## Reproduce",
+    "",
+    "```",
+    command,
+    "```",
+    "",
+    f"jaxcollab at git commit `{commit}`{dirty}." if commit else "The git commit of the training code is unknown.",
+    (
+      f"The command saves step {loaded.step} on its way if `checkpoint.every` divides it; `config.json` here is the "
+      "full resolved config it trained with."
+    ),
+    "",
+    "## Use it",
+    "",
+    "```",
+    use,
+    "jaxcollab eval --workdir THIS_DIR",
+    "```",
+    "",
+    (
+      "In Python, `model, variables, config = jaxcollab.load('THIS_DIR')` needs neither orbax nor jaxcollab's "
+      "training code; `model.safetensors` holds the arrays under their flattened paths."
+    ),
+    "",
+    "## Versions",
+    "",
+    *([f"- {k} {v}" for k, v in versions.items()] or ["(not recorded)"]),
+  ]
   return "\n".join(lines) + "\n"
 
 
@@ -97,21 +143,38 @@ def hf_config(loaded: bundle.Loaded) -> dict[str, Any]:
   """GPT2Config fields for this GPT; UserError for what GPT-2 cannot express."""
   c = loaded.config.model
   if c.name != "gpt":
-    raise UserError(f"--format hf writes GPT-2 language models, but this run is a {c.name!r} classifier; "
-                    "export it as a bundle (--format bundle).")
+    raise UserError(
+      f"--format hf writes GPT-2 language models, but this run is a {c.name!r} classifier; "
+      "export it as a bundle (--format bundle)."
+    )
   if c.activation not in HF_ACTIVATIONS:
-    raise UserError(f"GPT-2 in transformers has no {c.activation!r} activation (it can express "
-                    f"{', '.join(sorted(HF_ACTIVATIONS))}); export this run as a bundle instead.")
+    raise UserError(
+      f"GPT-2 in transformers has no {c.activation!r} activation (it can express "
+      f"{', '.join(sorted(HF_ACTIVATIONS))}); export this run as a bundle instead."
+    )
   g = loaded.model.config
   return {
-      "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-      "vocab_size": g.vocab_size, "n_positions": g.context, "n_embd": g.embed_dim, "n_layer": g.num_layers,
-      "n_head": g.num_heads, "n_inner": g.mlp_dim, "activation_function": HF_ACTIVATIONS[c.activation],
-      "resid_pdrop": g.dropout, "embd_pdrop": g.dropout, "attn_pdrop": 0.0,  # No dropout on attention weights.
-      "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True,
-      "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-      "tie_word_embeddings": bool(g.tied), "bos_token_id": None, "eos_token_id": None,  # Bytes: no special tokens.
-      "torch_dtype": "float32",
+    "architectures": ["GPT2LMHeadModel"],
+    "model_type": "gpt2",
+    "vocab_size": g.vocab_size,
+    "n_positions": g.context,
+    "n_embd": g.embed_dim,
+    "n_layer": g.num_layers,
+    "n_head": g.num_heads,
+    "n_inner": g.mlp_dim,
+    "activation_function": HF_ACTIVATIONS[c.activation],
+    "resid_pdrop": g.dropout,
+    "embd_pdrop": g.dropout,
+    "attn_pdrop": 0.0,  # No dropout on attention weights.
+    "layer_norm_epsilon": 1e-5,
+    "initializer_range": 0.02,
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "tie_word_embeddings": bool(g.tied),
+    "bos_token_id": None,
+    "eos_token_id": None,  # Bytes: no special tokens.
+    "torch_dtype": "float32",
   }
 
 
@@ -121,22 +184,31 @@ def hf_weights(loaded: bundle.Loaded) -> dict[str, np.ndarray]:
   g = loaded.model.config
   D = g.embed_dim
   a = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
-  out = {"transformer.wte.weight": a(p["token_embed"]["embedding"]),
-         "transformer.wpe.weight": a(p["position_embed"]),
-         "transformer.ln_f.weight": a(p["ln_f"]["scale"]), "transformer.ln_f.bias": a(p["ln_f"]["bias"])}
+  out = {
+    "transformer.wte.weight": a(p["token_embed"]["embedding"]),
+    "transformer.wpe.weight": a(p["position_embed"]),
+    "transformer.ln_f.weight": a(p["ln_f"]["scale"]),
+    "transformer.ln_f.bias": a(p["ln_f"]["bias"]),
+  }
   for i in range(g.num_layers):
     b, h = p[f"block_{i}"], f"transformer.h.{i}."
-    out.update({
-        h + "ln_1.weight": a(b["ln1"]["scale"]), h + "ln_1.bias": a(b["ln1"]["bias"]),
-        h + "ln_2.weight": a(b["ln2"]["scale"]), h + "ln_2.bias": a(b["ln2"]["bias"]),
+    out.update(
+      {
+        h + "ln_1.weight": a(b["ln1"]["scale"]),
+        h + "ln_1.bias": a(b["ln1"]["bias"]),
+        h + "ln_2.weight": a(b["ln2"]["scale"]),
+        h + "ln_2.bias": a(b["ln2"]["bias"]),
         # (D, 3, H, K) -> (D, 3D): HF splits the output into q | k | v, each into heads of K.
         h + "attn.c_attn.weight": a(np.reshape(b["attn"]["qkv"]["kernel"], (D, 3 * D))),
         h + "attn.c_attn.bias": a(np.reshape(b["attn"]["qkv"]["bias"], (3 * D,))),
         h + "attn.c_proj.weight": a(np.reshape(b["attn"]["out"]["kernel"], (D, D))),  # (H, K, D) -> (D, D)
         h + "attn.c_proj.bias": a(b["attn"]["out"]["bias"]),
-        h + "mlp.c_fc.weight": a(b["mlp"]["fc"]["kernel"]), h + "mlp.c_fc.bias": a(b["mlp"]["fc"]["bias"]),
-        h + "mlp.c_proj.weight": a(b["mlp"]["proj"]["kernel"]), h + "mlp.c_proj.bias": a(b["mlp"]["proj"]["bias"]),
-    })
+        h + "mlp.c_fc.weight": a(b["mlp"]["fc"]["kernel"]),
+        h + "mlp.c_fc.bias": a(b["mlp"]["fc"]["bias"]),
+        h + "mlp.c_proj.weight": a(b["mlp"]["proj"]["kernel"]),
+        h + "mlp.c_proj.bias": a(b["mlp"]["proj"]["bias"]),
+      }
+    )
   if not g.tied:
     out["lm_head.weight"] = a(np.transpose(p["head"]["kernel"]))  # nn.Linear stores [out, in].
   return out
@@ -161,7 +233,17 @@ def export(path: str, out: str, step: int | None = None, fmt: str = "bundle") ->
   rows = _metrics_at(workdir, loaded.step) if not bundle.is_bundle(path) else []
   title = f"{loaded.config.model.name} on {loaded.dataset['name']}, step {loaded.step}"
   card = model_card(loaded, run, rows, title)
-  bundle.write(out, loaded, card, {"eval": loaded.meta.get("eval") or {}, "metrics_at_step": rows,
-                                   "param_count": param_count(loaded), "run": run,
-                                   "versions": loaded.meta.get("versions", {}), "source": os.path.abspath(path)})
+  bundle.write(
+    out,
+    loaded,
+    card,
+    {
+      "eval": loaded.meta.get("eval") or {},
+      "metrics_at_step": rows,
+      "param_count": param_count(loaded),
+      "run": run,
+      "versions": loaded.meta.get("versions", {}),
+      "source": os.path.abspath(path),
+    },
+  )
   return out

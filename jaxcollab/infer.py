@@ -34,9 +34,19 @@ _log = logging.getLogger(__name__)
 
 # Class names of the datasets that have them (digits and MNIST classes are the digits themselves).
 CLASS_NAMES: dict[str, tuple[str, ...]] = {
-    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                      "Ankle boot"),
+  "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+  "fashion_mnist": (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+  ),
 }
 
 # ---- Sampling ------------------------------------------------------------------------------------
@@ -59,8 +69,9 @@ def _filter_logits(logits_BxV: jax.Array, temperature: jax.Array, top_k: jax.Arr
   return jnp.where(scaled_BxV >= threshold_Bx1, scaled_BxV, -jnp.inf)
 
 
-def choose(logits_BxV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array) -> jax.Array:
+def choose(
+  logits_BxV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> jax.Array:
   """Next tokens [B]: argmax when temperature is 0, else a draw from the filtered distribution."""
   sampled_B = jax.random.categorical(key, _filter_logits(logits_BxV, temperature, top_k, top_p), axis=-1)
   return jnp.where(temperature > 0, sampled_B, jnp.argmax(logits_BxV, axis=-1)).astype(jnp.int32)
@@ -76,9 +87,21 @@ def _emit(sink: np.ndarray, offset_B: np.ndarray, token_B: np.ndarray, new_B: np
 
 
 @functools.partial(jax.jit, static_argnames=("model", "use_cache", "stream"))
-def _decode(model: nn.Module, params: PyTree, tokens_BxS: jax.Array, lengths_B: jax.Array, max_new: jax.Array,
-            key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, sink: jax.Array, *,
-            use_cache: bool, stream: bool) -> jax.Array:
+def _decode(
+  model: nn.Module,
+  params: PyTree,
+  tokens_BxS: jax.Array,
+  lengths_B: jax.Array,
+  max_new: jax.Array,
+  key: jax.Array,
+  temperature: jax.Array,
+  top_k: jax.Array,
+  top_p: jax.Array,
+  sink: jax.Array,
+  *,
+  use_cache: bool,
+  stream: bool,
+) -> jax.Array:
   """The token buffer with `max_new` tokens written after each row's prompt."""
   cache = {}
   if use_cache:
@@ -89,29 +112,41 @@ def _decode(model: nn.Module, params: PyTree, tokens_BxS: jax.Array, lengths_B: 
   def step(carry):
     t, tokens_BxS, cache = carry
     if use_cache:  # One new position: its keys/values join the cache, attention reads the cache.
-      logits_Bx1xV, updated = model.apply({"params": params, "cache": cache},
-                                          jax.lax.dynamic_slice_in_dim(tokens_BxS, t, 1, axis=1),
-                                          decode=True, mutable=["cache"])
+      logits_Bx1xV, updated = model.apply(
+        {"params": params, "cache": cache},
+        jax.lax.dynamic_slice_in_dim(tokens_BxS, t, 1, axis=1),
+        decode=True,
+        mutable=["cache"],
+      )
       logits_BxV, cache = logits_Bx1xV[:, 0], updated["cache"]
     else:  # Full recomputation of the fixed window: the reference (and the benchmark's baseline).
-      logits_BxV = jax.lax.dynamic_index_in_dim(model.apply({"params": params}, tokens_BxS), t, axis=1,
-                                                keepdims=False)
+      logits_BxV = jax.lax.dynamic_index_in_dim(model.apply({"params": params}, tokens_BxS), t, axis=1, keepdims=False)
     chosen_B = choose(logits_BxV, jax.random.fold_in(key, t), temperature, top_k, top_p)
     in_prompt_B = t + 1 < lengths_B
-    next_B = jnp.where(in_prompt_B, jax.lax.dynamic_index_in_dim(tokens_BxS, t + 1, axis=1, keepdims=False),
-                       chosen_B)
+    next_B = jnp.where(in_prompt_B, jax.lax.dynamic_index_in_dim(tokens_BxS, t + 1, axis=1, keepdims=False), chosen_B)
     if stream:
       io_callback(_emit, None, sink, t + 1 - lengths_B, next_B, ~in_prompt_B & (t + 1 < total_B), ordered=True)
     return t + 1, jax.lax.dynamic_update_slice_in_dim(tokens_BxS, next_B[:, None], t + 1, axis=1), cache
 
-  _, tokens_BxS, _ = jax.lax.while_loop(lambda c: c[0] < jnp.max(total_B) - 1, step,
-                                        (jnp.zeros((), jnp.int32), tokens_BxS, cache))
+  _, tokens_BxS, _ = jax.lax.while_loop(
+    lambda c: c[0] < jnp.max(total_B) - 1, step, (jnp.zeros((), jnp.int32), tokens_BxS, cache)
+  )
   return tokens_BxS
 
 
-def generate(model: nn.Module, params: PyTree, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
-             on_tokens: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
+def generate(
+  model: nn.Module,
+  params: PyTree,
+  prompts: Sequence[Sequence[int]],
+  max_new_tokens: int,
+  *,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  use_cache: bool = True,
+  on_tokens: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+) -> np.ndarray:
   """[B, max_new_tokens] int32 tokens continuing each prompt (token lists that fit the context together).
 
   `on_tokens(offset_B, token_B, new_B)` is called on the host after every position, in order:
@@ -120,26 +155,40 @@ def generate(model: nn.Module, params: PyTree, prompts: Sequence[Sequence[int]],
   S = model.config.context
   lengths_B = np.array([len(p) for p in prompts], np.int32)
   if lengths_B.min() < 1 or lengths_B.max() + max_new_tokens > S or max_new_tokens < 1:
-    raise ValueError(f"Prompts of {lengths_B.min()}..{lengths_B.max()} tokens plus {max_new_tokens} new tokens "
-                     f"do not fit the context of {S}.")
+    raise ValueError(
+      f"Prompts of {lengths_B.min()}..{lengths_B.max()} tokens plus {max_new_tokens} new tokens "
+      f"do not fit the context of {S}."
+    )
   tokens_BxS = np.zeros((len(prompts), S), np.int32)  # Left-aligned prompts; the rest is overwritten.
   for b, p in enumerate(prompts):
-    tokens_BxS[b, :len(p)] = p
+    tokens_BxS[b, : len(p)] = p
   sink = next(_sink_ids) if on_tokens else 0
   if on_tokens:
     _SINKS[sink] = on_tokens
   try:
-    out_BxS = _decode(model, params, tokens_BxS, lengths_B, np.int32(max_new_tokens),
-                      jax.random.key_data(jax.random.key(seed)), np.float32(temperature), np.int32(top_k),
-                      np.float32(top_p), np.int32(sink), use_cache=use_cache, stream=on_tokens is not None)
+    out_BxS = _decode(
+      model,
+      params,
+      tokens_BxS,
+      lengths_B,
+      np.int32(max_new_tokens),
+      jax.random.key_data(jax.random.key(seed)),
+      np.float32(temperature),
+      np.int32(top_k),
+      np.float32(top_p),
+      np.int32(sink),
+      use_cache=use_cache,
+      stream=on_tokens is not None,
+    )
     out_BxS = np.asarray(jax.device_get(out_BxS))
   finally:
     _SINKS.pop(sink, None)
-  return np.stack([out_BxS[b, n:n + max_new_tokens] for b, n in enumerate(lengths_B)])
+  return np.stack([out_BxS[b, n : n + max_new_tokens] for b, n in enumerate(lengths_B)])
 
 
-def _check_sampling(temperature: float, top_k: int, top_p: float, num_samples: int, max_new_tokens: int,
-                    context: int) -> None:
+def _check_sampling(
+  temperature: float, top_k: int, top_p: float, num_samples: int, max_new_tokens: int, context: int
+) -> None:
   if not temperature >= 0:
     raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}.")
   if top_k < 0:
@@ -149,20 +198,35 @@ def _check_sampling(temperature: float, top_k: int, top_p: float, num_samples: i
   if num_samples < 1:
     raise UserError(f"--num-samples must be at least 1, got {num_samples}.")
   if not 1 <= max_new_tokens < context:
-    raise UserError(f"--max-new-tokens {max_new_tokens} does not fit: the model's context holds {context} tokens, "
-                    f"prompt included; ask for 1 to {context - 1}.")
+    raise UserError(
+      f"--max-new-tokens {max_new_tokens} does not fit: the model's context holds {context} tokens, "
+      f"prompt included; ask for 1 to {context - 1}."
+    )
 
 
-def sample(model: nn.Module, variables: PyTree, config: Any, prompt: str | Sequence[str], *,
-           max_new_tokens: int = 200, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           num_samples: int = 1, seed: int = 0, stream: TextIO | None = None) -> list[str]:
+def sample(
+  model: nn.Module,
+  variables: PyTree,
+  config: Any,
+  prompt: str | Sequence[str],
+  *,
+  max_new_tokens: int = 200,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  num_samples: int = 1,
+  seed: int = 0,
+  stream: TextIO | None = None,
+) -> list[str]:
   """Continuations of `prompt` (num_samples of them, or one per prompt of a list) as text.
 
   Bytes are the tokens, so text is UTF-8; with `stream`, a single sample is written to it as produced.
   """
   if config.model.name != "gpt":
-    raise UserError(f"sample needs a language model, but this run is a {config.model.name!r} classifier on "
-                    f"{config.dataset.name!r}; use `jaxcollab predict` for it.")
+    raise UserError(
+      f"sample needs a language model, but this run is a {config.model.name!r} classifier on "
+      f"{config.dataset.name!r}; use `jaxcollab predict` for it."
+    )
   prompts = [prompt] * max(num_samples, 1) if isinstance(prompt, str) else list(prompt)
   if not prompts or any(not p for p in prompts):
     raise UserError("The prompt is empty; pass some text with --prompt, e.g. --prompt 'The '.")
@@ -173,8 +237,14 @@ def sample(model: nn.Module, variables: PyTree, config: Any, prompt: str | Seque
   for text in prompts:
     data = text.encode("utf-8")
     if len(data) > room:
-      _log.warning("The prompt has %d bytes but only %d fit before %d new tokens in the context of %d; "
-                      "keeping its last %d bytes.", len(data), room, max_new_tokens, context, room)
+      _log.warning(
+        "The prompt has %d bytes but only %d fit before %d new tokens in the context of %d; keeping its last %d bytes.",
+        len(data),
+        room,
+        max_new_tokens,
+        context,
+        room,
+      )
       data = data[-room:]
     encoded.append(list(data))
   prompts = [bytes(p).decode("utf-8", errors="replace") for p in encoded]  # As the model saw them.
@@ -189,8 +259,17 @@ def sample(model: nn.Module, variables: PyTree, config: Any, prompt: str | Seque
         stream.write(decoder.decode(bytes([int(token_B[0])])))
         stream.flush()
 
-  tokens_BxN = generate(model, variables["params"], encoded, max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, seed=seed, on_tokens=writer)
+  tokens_BxN = generate(
+    model,
+    variables["params"],
+    encoded,
+    max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    seed=seed,
+    on_tokens=writer,
+  )
   texts = [bytes(row.astype(np.uint8).tolist()).decode("utf-8", errors="replace") for row in tokens_BxN]
   if stream is not None and writer is not None:
     stream.write("\n")
@@ -216,8 +295,9 @@ def _read_image(path: str, C: int) -> Image.Image:
       image.load()
       return image.convert("L" if C == 1 else "RGB")  # Drops alpha; grey <-> colour as training saw it.
   except (UnidentifiedImageError, OSError, ValueError) as e:
-    raise UserError(f"{path!r} cannot be decoded as an image ({type(e).__name__}); pass a PNG, JPEG or .npy file.") \
-        from e
+    raise UserError(
+      f"{path!r} cannot be decoded as an image ({type(e).__name__}); pass a PNG, JPEG or .npy file."
+    ) from e
 
 
 def _resize(x_HxWxC: np.ndarray, H: int, W: int) -> np.ndarray:
@@ -225,8 +305,9 @@ def _resize(x_HxWxC: np.ndarray, H: int, W: int) -> np.ndarray:
     return x_HxWxC
   # BOX averages the pixels each training pixel covers (how digits' 8x8 counts were made); upscaling is bilinear.
   method = Image.Resampling.BOX if x_HxWxC.shape[0] >= H else Image.Resampling.BILINEAR
-  channels = [np.asarray(Image.fromarray(x_HxWxC[..., c], mode="F").resize((W, H), method))
-              for c in range(x_HxWxC.shape[-1])]
+  channels = [
+    np.asarray(Image.fromarray(x_HxWxC[..., c], mode="F").resize((W, H), method)) for c in range(x_HxWxC.shape[-1])
+  ]
   return np.stack(channels, axis=-1)
 
 
@@ -246,13 +327,17 @@ def to_model_input(item: str | np.ndarray, image_shape: tuple[int, int, int], in
       raise UserError(f"{name!r} has dtype {x.dtype}; pass uint8 (0..255) or float values in [0, 1].")
     x = x.astype(np.float32)
     if x.size and (x.min() < 0 or x.max() > 1):
-      raise UserError(f"{name!r} has values in [{x.min():g}, {x.max():g}], but the model was trained on [0, 1]; "
-                      "divide by 255 or save it as uint8.")
+      raise UserError(
+        f"{name!r} has values in [{x.min():g}, {x.max():g}], but the model was trained on [0, 1]; "
+        "divide by 255 or save it as uint8."
+      )
   if x.ndim == 2:
     x = x[..., None]
   if x.ndim != 3 or x.shape[-1] != C:
-    raise UserError(f"{name!r} has shape {x.shape}, but the model takes {C}-channel images ([H, W, {C}] or [H, W] "
-                    f"for one channel); convert it to {C} channel(s).")
+    raise UserError(
+      f"{name!r} has shape {x.shape}, but the model takes {C}-channel images ([H, W, {C}] or [H, W] "
+      f"for one channel); convert it to {C} channel(s)."
+    )
   x = np.clip(_resize(x, H, W), 0.0, 1.0)
   return 1.0 - x if invert else x
 
@@ -262,15 +347,25 @@ def _probabilities(model: nn.Module, variables: PyTree, x_BxHxWxC: jax.Array) ->
   return jax.nn.softmax(model.apply(variables, x_BxHxWxC, train=False), axis=-1)
 
 
-def predict(model: nn.Module, variables: PyTree, config: Any, dataset: dict[str, Any],
-            inputs: Sequence[str | np.ndarray], *, top_k: int = 5, invert: bool = False) -> list[dict[str, Any]]:
+def predict(
+  model: nn.Module,
+  variables: PyTree,
+  config: Any,
+  dataset: dict[str, Any],
+  inputs: Sequence[str | np.ndarray],
+  *,
+  top_k: int = 5,
+  invert: bool = False,
+) -> list[dict[str, Any]]:
   """[{"input": name, "top": [{"class": i, "name": ..., "probability": p}, ...]}] for each image, top_k classes.
 
   `invert` flips light and dark, for dark-on-light drawings given to a model trained on light-on-dark digits.
   """
   if dataset["kind"] != "image":
-    raise UserError(f"predict needs an image classifier, but this run is a {config.model.name!r} language model on "
-                    f"{dataset['name']!r}; use `jaxcollab sample` for it.")
+    raise UserError(
+      f"predict needs an image classifier, but this run is a {config.model.name!r} language model on "
+      f"{dataset['name']!r}; use `jaxcollab sample` for it."
+    )
   if not inputs:
     raise UserError("No inputs; pass one or more PNG, JPEG or .npy files.")
   if top_k < 1:
@@ -281,6 +376,10 @@ def predict(model: nn.Module, variables: PyTree, config: Any, dataset: dict[str,
   results = []
   for i, (item, probs_K) in enumerate(zip(inputs, probs_BxK)):
     order = np.argsort(-probs_K, kind="stable")[:top_k]
-    results.append({"input": item if isinstance(item, str) else f"array {i}",
-                    "top": [{"class": int(c), "name": names[c], "probability": float(probs_K[c])} for c in order]})
+    results.append(
+      {
+        "input": item if isinstance(item, str) else f"array {i}",
+        "top": [{"class": int(c), "name": names[c], "probability": float(probs_K[c])} for c in order],
+      }
+    )
   return results

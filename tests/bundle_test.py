@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,11 +11,21 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcollab import bundle, config as config_lib, main
+from jaxcollab import bundle, main
+from jaxcollab import config as config_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-RESNET_DATA = {"name": "cifar10", "kind": "image", "image_shape": (8, 8, 3), "num_classes": 10, "vocab_size": None,
-               "seq_len": None, "eval_split": "test", "train_size": 1, "eval_size": 1}
+RESNET_DATA = {
+  "name": "cifar10",
+  "kind": "image",
+  "image_shape": (8, 8, 3),
+  "num_classes": 10,
+  "vocab_size": None,
+  "seq_len": None,
+  "eval_split": "test",
+  "train_size": 1,
+  "eval_size": 1,
+}
 
 
 def make_loaded(config, dataset, seed=0):
@@ -57,8 +68,9 @@ heavy = [m for m in sys.modules if m.split(".")[0] in ("orbax", "grain", "tensor
          or m in ("jaxcollab.train", "jaxcollab.reload", "jaxcollab.checkpoint", "jaxcollab.data")]
 assert not heavy, heavy
 """
-  subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300,
-                 env={**os.environ, "PYTHONPATH": ROOT})
+  subprocess.run(
+    [sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": ROOT}
+  )
   expected = loaded.model.apply(loaded.variables, x, train=False)
   np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), np.asarray(expected))
 
@@ -69,16 +81,17 @@ def _damage(path, name):
     f.write(b"xyz")
 
 
-@pytest.mark.parametrize("how, needle", [
+@pytest.mark.parametrize(
+  "how, needle",
+  [
     (lambda p: os.remove(os.path.join(p, "model.safetensors")), "has no model.safetensors"),
     (lambda p: os.remove(os.path.join(p, "bundle.json")), "has no bundle.json"),
     (lambda p: _damage(p, "model.safetensors"), "model.safetensors is damaged"),
     (lambda p: _damage(p, "config.json"), "config.json is damaged"),
     (lambda p: _damage(p, "bundle.json"), "bundle.json is damaged"),
-])
+  ],
+)
 def test_damaged_bundle_is_one_sentence_exit_2(resnet_bundle, tmp_path, capsys, how, needle):
-  import shutil  # pylint: disable=g-import-not-at-top
-
   copy = str(tmp_path / "copy")
   shutil.copytree(resnet_bundle[0], copy)
   how(copy)
@@ -88,7 +101,7 @@ def test_damaged_bundle_is_one_sentence_exit_2(resnet_bundle, tmp_path, capsys, 
 
 
 def test_weights_that_do_not_fit_the_config_are_refused(resnet_bundle, tmp_path):
-  out, loaded = resnet_bundle
+  _, loaded = resnet_bundle
   config = config_lib.from_json(config_lib.to_json(loaded.config))
   config.model.width = 16  # The weights were made for width 8.
   wrong = bundle.Loaded(loaded.model, loaded.variables, config, RESNET_DATA, 7, {})
@@ -101,13 +114,28 @@ def test_weights_that_do_not_fit_the_config_are_refused(resnet_bundle, tmp_path)
 def test_workdir_to_bundle_to_every_command(tmp_path, capsys):
   """A trained smoke run, exported: the bundle evaluates, samples and reloads like its workdir."""
   work, out = str(tmp_path / "w"), str(tmp_path / "bundle")
-  assert main.main(["train", "--config", "gpt_pydocs:smoke", "--workdir", work, "--config.train.steps=4",
-                    "--config.checkpoint.every=2"]) == 0
+  assert (
+    main.main(
+      [
+        "train",
+        "--config",
+        "gpt_pydocs:smoke",
+        "--workdir",
+        work,
+        "--config.train.steps=4",
+        "--config.checkpoint.every=2",
+      ]
+    )
+    == 0
+  )
   assert main.main(["export", "--workdir", work, "--step", "2", "--out", out]) == 0
-  manifest = json.load(open(os.path.join(out, "bundle.json")))
-  card = open(os.path.join(out, "README.md")).read()
+  with open(os.path.join(out, "bundle.json")) as f:
+    manifest = json.load(f)
+  with open(os.path.join(out, "README.md")) as f:
+    card = f.read()
   assert manifest["step"] == 2 and manifest["param_count"] > 0
-  command = json.load(open(os.path.join(work, "run.json")))["command"]  # The process's argv, here pytest's.
+  with open(os.path.join(work, "run.json")) as f:
+    command = json.load(f)["command"]  # The process's argv, here pytest's.
   assert " ".join(command.split(" ")[1:]) in card and f"{manifest['param_count']:,} parameters" in card
   capsys.readouterr()
   assert main.main(["eval", "--workdir", os.path.join(work, "checkpoints", "2")]) == 0

@@ -4,14 +4,23 @@ import os
 
 import numpy as np
 import pytest
-
-from jaxcollab import bundle, config as config_lib, export
-from jaxcollab.config import UserError
-
 from bundle_test import make_loaded
 
-TEXT = {"name": "pydocs", "kind": "text", "image_shape": None, "num_classes": None, "vocab_size": 256, "seq_len": 16,
-        "eval_split": "validation", "train_size": 1, "eval_size": 1}
+from jaxcollab import bundle, export
+from jaxcollab import config as config_lib
+from jaxcollab.config import UserError
+
+TEXT = {
+  "name": "pydocs",
+  "kind": "text",
+  "image_shape": None,
+  "num_classes": None,
+  "vocab_size": 256,
+  "seq_len": 16,
+  "eval_split": "validation",
+  "train_size": 1,
+  "eval_size": 1,
+}
 
 
 def gpt_bundle(tmp_path, activation="gelu", tied=True):

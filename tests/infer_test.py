@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxcollab import config as config_lib, infer
+from jaxcollab import config as config_lib
+from jaxcollab import infer
 from jaxcollab.config import UserError
 from jaxcollab.models.cnn import CNN, CNNConfig
 from jaxcollab.models.gpt import GPT, GPTConfig
@@ -74,8 +75,9 @@ def test_another_prompt_length_or_setting_compiles_nothing(gpt):
   listener = lambda name, *a, **k: compiles.append(name) if name.endswith("backend_compile_duration") else None
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    infer.sample(model, variables, config, "A much longer prompt", max_new_tokens=20, temperature=0.7, top_k=5,
-                 top_p=0.9, seed=1)
+    infer.sample(
+      model, variables, config, "A much longer prompt", max_new_tokens=20, temperature=0.7, top_k=5, top_p=0.9, seed=1
+    )
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert compiles == []
@@ -99,13 +101,16 @@ def test_long_prompt_is_cut_from_the_left_with_a_notice(gpt, caplog):
   assert text == infer.sample(model, variables, config, "x" * 37 + "end", max_new_tokens=8, temperature=0)
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(prompt=""), "prompt is empty"),
-    (dict(top_p=0.0), "--top-p must be in (0, 1]"),
-    (dict(top_p=1.5), "--top-p must be in (0, 1]"),
-    (dict(temperature=-0.5), "--temperature must be >= 0"),
-    (dict(max_new_tokens=C), "does not fit"),
-])
+@pytest.mark.parametrize(
+  "kwargs, needle",
+  [
+    ({"prompt": ""}, "prompt is empty"),
+    ({"top_p": 0.0}, "--top-p must be in (0, 1]"),
+    ({"top_p": 1.5}, "--top-p must be in (0, 1]"),
+    ({"temperature": -0.5}, "--temperature must be >= 0"),
+    ({"max_new_tokens": C}, "does not fit"),
+  ],
+)
 def test_bad_sampling_requests_are_one_sentence(gpt, kwargs, needle):
   model, variables, config = gpt
   kwargs = {"prompt": "Hi", **kwargs}
@@ -138,8 +143,9 @@ def test_image_files_become_training_inputs(tmp_path):
   np.testing.assert_allclose(infer.to_model_input(str(tmp_path / "big.png"), (8, 8, 1)), expected, atol=1e-6)
   np.testing.assert_allclose(infer.to_model_input(str(tmp_path / "rgb.jpg"), (8, 8, 1)), expected, atol=0.05)
   np.testing.assert_allclose(infer.to_model_input(str(tmp_path / "d.npy"), (8, 8, 1)), expected, atol=1e-6)
-  np.testing.assert_allclose(infer.to_model_input(str(tmp_path / "d.npy"), (8, 8, 1), invert=True), 1 - expected,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    infer.to_model_input(str(tmp_path / "d.npy"), (8, 8, 1), invert=True), 1 - expected, atol=1e-6
+  )
   colour = infer.to_model_input(str(tmp_path / "big.png"), (4, 4, 3))  # Grey to RGB, 32x32 averaged to 4x4.
   assert colour.shape == (4, 4, 3) and np.allclose(colour[..., 0], colour[..., 2])
   np.testing.assert_allclose(colour[0, 0, 0], digit[:2, :2].mean() / 255, atol=1e-5)
@@ -166,12 +172,15 @@ def _saved(d, name, array):
   return str(d / name)
 
 
-@pytest.mark.parametrize("make, needle", [
+@pytest.mark.parametrize(
+  "make, needle",
+  [
     (_junk, "cannot be decoded"),
     (lambda d: _saved(d, "rgb.npy", np.zeros((8, 8, 3), np.float32)), "1-channel"),
     (lambda d: _saved(d, "big.npy", np.full((8, 8), 16.0)), "trained on [0, 1]"),
     (lambda d: str(d / "missing.png"), "does not exist"),
-])
+  ],
+)
 def test_bad_images_are_one_sentence(cnn, tmp_path, make, needle):
   model, variables, config = cnn
   with pytest.raises(UserError, match="^[^\n]*$") as e:
