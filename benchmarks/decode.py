@@ -123,7 +123,7 @@ def main() -> None:
     rows.append(row)
 
   # A second `sample` call in the same process, with another prompt length and settings.
-  infer.sample(model, variables, config, "First prompt", max_new_tokens=32, seed=0)
+  infer.sample(loaded, "First prompt", max_new_tokens=32, seed=0)
   compiles = []
 
   def listener(event: str, *_, **__) -> None:
@@ -132,9 +132,7 @@ def main() -> None:
 
   jax.monitoring.register_event_duration_secs_listener(listener)
   infer.sample(
-    model,
-    variables,
-    config,
+    loaded,
     "A second, longer prompt",
     max_new_tokens=64,
     temperature=0.8,

@@ -5,8 +5,8 @@ BUNDLE/config.json        the resolved config, exactly as trained
 BUNDLE/bundle.json        step, dataset description, eval metrics, versions and a SHA-256 of each file above
 BUNDLE/README.md          the model card (written by `export`)
 
-`load_any` is the one place that decides between a bundle and a workdir: a workdir needs
-`reload`, which imports orbax, so that import waits until a workdir is actually read.
+Reading one needs config, models and safetensors only: no orbax, no data pipeline, no training code.
+`reload.load` and `jaxcollab.load` hand a bundle directory to `read`.
 """
 
 from __future__ import annotations
@@ -26,16 +26,13 @@ import safetensors.numpy
 
 from jaxcollab import config as config_lib
 from jaxcollab import models
-from jaxcollab.config import ConfigDict, UserError
+from jaxcollab.config import ConfigDict
+from jaxcollab.errors import BundleError, UserError
 
 PyTree = Any
 FORMAT = "jaxcollab-bundle"
 MANIFEST, WEIGHTS, CONFIG, CARD = "bundle.json", "model.safetensors", "config.json", "README.md"
 CHECKED = (WEIGHTS, CONFIG)  # Files whose SHA-256 the manifest records.
-
-
-class BundleError(UserError):
-  """A bundle directory is missing a file, is damaged, or does not fit its config."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +94,8 @@ def example_input(dataset: dict[str, Any]) -> np.ndarray:
 def build_model(config: ConfigDict, dataset: dict[str, Any]) -> nn.Module:
   # models.build reads num_classes / vocab_size off a DatasetInfo; a namespace avoids importing
   # jaxcollab.data, whose grain import pulls in orbax.
-  return models.build(config, types.SimpleNamespace(**dataset))
+  fields = {"image_shape": None, "num_classes": None, "vocab_size": None, "seq_len": None, **dataset}
+  return models.build(config, types.SimpleNamespace(**fields))
 
 
 def write(out: str, loaded: Loaded, card: str, extra: dict[str, Any]) -> None:
@@ -122,8 +120,8 @@ def write(out: str, loaded: Loaded, card: str, extra: dict[str, Any]) -> None:
     f.write(card)
 
 
-def read(path: str) -> Loaded:
-  """The model of a bundle; every file is checked against the manifest before use."""
+def read(path: str, step: int | None = None) -> Loaded:
+  """The model of a bundle (which holds one step); every file is checked against the manifest before use."""
   where = f"Bundle {path!r}"
   again = "export it again with `jaxcollab export`"
   missing = [f for f in (MANIFEST, *CHECKED) if not os.path.isfile(os.path.join(path, f))]
@@ -146,11 +144,13 @@ def read(path: str) -> Loaded:
     if sha256(os.path.join(path, name)) != recorded.get(name):
       raise BundleError(f"{where}: {name} is damaged (its SHA-256 differs from {MANIFEST}); {again}.")
   with open(os.path.join(path, CONFIG)) as f:
-    config = config_lib.from_json(f.read())
+    config = models.resolve(config_lib.validate(config_lib.from_json(f.read())), drop_unread=True)
   variables = unflatten(safetensors.numpy.load_file(os.path.join(path, WEIGHTS)))
   dataset = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["dataset"].items()}
   model = build_model(config, dataset)
   check_fits(model, variables, dataset, where)
+  if step is not None and step != manifest["step"]:
+    raise UserError(f"{where} holds step {manifest['step']}, not step {step}; drop --step or export that step.")
   return Loaded(model, jax.device_put(variables), config, dataset, int(manifest["step"]), manifest)
 
 
@@ -165,19 +165,3 @@ def check_fits(model: nn.Module, variables: PyTree, dataset: dict[str, Any], whe
       f"{where}: the weights do not fit the model its config.json describes ({len(wrong)} arrays "
       f"differ, e.g. {wrong[0]}: {got.get(wrong[0])} vs {expected.get(wrong[0])}); export it again."
     )
-
-
-def load_any(path: str, step: int | None = None) -> Loaded:
-  """A bundle, a workdir, or a checkpoint step directory (the newest step, or `step`)."""
-  if is_bundle(path):
-    loaded = read(path)
-    if step is not None and step != loaded.step:
-      raise UserError(f"Bundle {path!r} holds step {loaded.step}, not step {step}; drop --step or export that step.")
-    return loaded
-  from jaxcollab import reload  # pylint: disable=g-import-not-at-top  # orbax: only for workdirs (module doc).
-
-  ref = reload.resolve(path, step)
-  model, variables, config = reload.load(ref.path)
-  meta = reload.read_meta(ref)
-  dataset = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["dataset"].items()}
-  return Loaded(model, variables, config, dataset, ref.step, meta)

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from jaxcollab import bundle
-from jaxcollab.config import UserError
+from jaxcollab import bundle, reload
+from jaxcollab.errors import UserError
 
 FORMATS = ("bundle", "hf")
 _PROMPT = "The "
@@ -220,7 +220,7 @@ def export(path: str, out: str, step: int | None = None, fmt: str = "bundle") ->
     raise UserError(f"Unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise UserError(f"--out {out!r} already exists and is not an empty directory; choose a new path.")
-  loaded = bundle.load_any(path, step)
+  loaded = reload.open_model(path, step)
   if fmt == "hf":
     config, weights = hf_config(loaded), hf_weights(loaded)
     os.makedirs(out, exist_ok=True)

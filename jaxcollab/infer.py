@@ -26,7 +26,8 @@ import numpy as np
 from jax.experimental import io_callback
 from PIL import Image, UnidentifiedImageError
 
-from jaxcollab.config import UserError
+from jaxcollab import bundle
+from jaxcollab.errors import UserError
 
 PyTree = Any
 _log = logging.getLogger(__name__)
@@ -205,9 +206,7 @@ def _check_sampling(
 
 
 def sample(
-  model: nn.Module,
-  variables: PyTree,
-  config: Any,
+  loaded: bundle.Loaded,
   prompt: str | Sequence[str],
   *,
   max_new_tokens: int = 200,
@@ -222,6 +221,7 @@ def sample(
 
   Bytes are the tokens, so text is UTF-8; with `stream`, a single sample is written to it as produced.
   """
+  model, variables, config = loaded.model, loaded.variables, loaded.config
   if config.model.name != "gpt":
     raise UserError(
       f"sample needs a language model, but this run is a {config.model.name!r} classifier on "
@@ -348,10 +348,7 @@ def _probabilities(model: nn.Module, variables: PyTree, x_BxHxWxC: jax.Array) ->
 
 
 def predict(
-  model: nn.Module,
-  variables: PyTree,
-  config: Any,
-  dataset: dict[str, Any],
+  loaded: bundle.Loaded,
   inputs: Sequence[str | np.ndarray],
   *,
   top_k: int = 5,
@@ -361,6 +358,7 @@ def predict(
 
   `invert` flips light and dark, for dark-on-light drawings given to a model trained on light-on-dark digits.
   """
+  model, variables, config, dataset = loaded.model, loaded.variables, loaded.config, loaded.dataset
   if dataset["kind"] != "image":
     raise UserError(
       f"predict needs an image classifier, but this run is a {config.model.name!r} language model on "

@@ -4,11 +4,11 @@ import os
 
 import numpy as np
 import pytest
-from bundle_test import make_loaded
 
+from bundle_test import make_loaded
 from jaxcollab import bundle, export
 from jaxcollab import config as config_lib
-from jaxcollab.config import UserError
+from jaxcollab.errors import UserError
 
 TEXT = {
   "name": "pydocs",
@@ -27,7 +27,7 @@ def gpt_bundle(tmp_path, activation="gelu", tied=True):
   config = config_lib.defaults()
   config.model.name, config.dataset.name, config.model.activation, config.model.tied = "gpt", "pydocs", activation, tied
   config.model.num_layers, config.model.num_heads, config.model.embed_dim, config.model.mlp_dim = 2, 4, 32, 48
-  config.model.context = 24
+  config.model.context, config.dataset.seq_len = 24, 16
   loaded = make_loaded(config, TEXT)
   path = str(tmp_path / f"{activation}-{tied}")
   bundle.write(path, loaded, "", {})

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxcollab import bundle, infer
 from jaxcollab import config as config_lib
-from jaxcollab import infer
-from jaxcollab.config import UserError
+from jaxcollab.errors import UserError
 from jaxcollab.models.cnn import CNN, CNNConfig
 from jaxcollab.models.gpt import GPT, GPTConfig
 
@@ -27,7 +27,7 @@ def gpt():
   params = jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, params)
   config = config_lib.defaults()
   config.model.name, config.dataset.name = "gpt", "pydocs"
-  return model, {"params": params}, config
+  return bundle.Loaded(model, {"params": params}, config, {"name": "pydocs", "kind": "text"}, 0, {})
 
 
 PROMPTS = [[72, 105, 32], [1] * 11, [200, 3], list(range(40, 60))]
@@ -35,7 +35,7 @@ PROMPTS = [[72, 105, 32], [1] * 11, [200, 3], list(range(40, 60))]
 
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch4"])
 def test_greedy_with_cache_equals_full_recomputation(gpt, prompts):
-  model, variables, _ = gpt
+  model, variables = gpt.model, gpt.variables
   cached = infer.generate(model, variables["params"], prompts, 24, temperature=0)
   full = infer.generate(model, variables["params"], prompts, 24, temperature=0, use_cache=False)
   np.testing.assert_array_equal(cached, full)
@@ -43,14 +43,14 @@ def test_greedy_with_cache_equals_full_recomputation(gpt, prompts):
 
 
 def test_each_row_matches_its_own_batch_of_one(gpt):
-  model, variables, _ = gpt
+  model, variables = gpt.model, gpt.variables
   batch = infer.generate(model, variables["params"], PROMPTS, 12, temperature=0)
   alone = infer.generate(model, variables["params"], PROMPTS[3:], 12, temperature=0)
   np.testing.assert_array_equal(batch[3:], alone)  # Left-aligned shorter rows do not disturb the longest.
 
 
 def test_seed_decides_the_sample(gpt):
-  model, variables, _ = gpt
+  model, variables = gpt.model, gpt.variables
   draw = lambda seed, **kw: infer.generate(model, variables["params"], PROMPTS, 16, seed=seed, **kw)
   np.testing.assert_array_equal(draw(3), draw(3))
   assert not np.array_equal(draw(3), draw(4))
@@ -69,36 +69,31 @@ def test_filter_keeps_top_k_and_the_nucleus():
 
 
 def test_another_prompt_length_or_setting_compiles_nothing(gpt):
-  model, variables, config = gpt
-  infer.sample(model, variables, config, "Hello", max_new_tokens=8, seed=0)
+  infer.sample(gpt, "Hello", max_new_tokens=8, seed=0)
   compiles = []
   listener = lambda name, *a, **k: compiles.append(name) if name.endswith("backend_compile_duration") else None
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    infer.sample(
-      model, variables, config, "A much longer prompt", max_new_tokens=20, temperature=0.7, top_k=5, top_p=0.9, seed=1
-    )
+    infer.sample(gpt, "A much longer prompt", max_new_tokens=20, temperature=0.7, top_k=5, top_p=0.9, seed=1)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert compiles == []
 
 
 def test_stream_shows_the_returned_text(gpt):
-  model, variables, config = gpt
   out = io.StringIO()
-  texts = infer.sample(model, variables, config, "Hi", max_new_tokens=10, seed=2, stream=out)
+  texts = infer.sample(gpt, "Hi", max_new_tokens=10, seed=2, stream=out)
   assert out.getvalue() == "Hi" + texts[0] + "\n"
   many = io.StringIO()
-  texts = infer.sample(model, variables, config, "Hi", max_new_tokens=10, num_samples=3, seed=2, stream=many)
+  texts = infer.sample(gpt, "Hi", max_new_tokens=10, num_samples=3, seed=2, stream=many)
   assert len(texts) == 3 and many.getvalue().count("--- sample") == 3
 
 
 def test_long_prompt_is_cut_from_the_left_with_a_notice(gpt, caplog):
-  model, variables, config = gpt
   with caplog.at_level(logging.WARNING):
-    text = infer.sample(model, variables, config, "x" * 100 + "end", max_new_tokens=8, temperature=0)
+    text = infer.sample(gpt, "x" * 100 + "end", max_new_tokens=8, temperature=0)
   assert "keeping its last 40 bytes" in caplog.text
-  assert text == infer.sample(model, variables, config, "x" * 37 + "end", max_new_tokens=8, temperature=0)
+  assert text == infer.sample(gpt, "x" * 37 + "end", max_new_tokens=8, temperature=0)
 
 
 @pytest.mark.parametrize(
@@ -112,10 +107,9 @@ def test_long_prompt_is_cut_from_the_left_with_a_notice(gpt, caplog):
   ],
 )
 def test_bad_sampling_requests_are_one_sentence(gpt, kwargs, needle):
-  model, variables, config = gpt
   kwargs = {"prompt": "Hi", **kwargs}
   with pytest.raises(UserError, match="^[^\n]*$") as e:
-    infer.sample(model, variables, config, kwargs.pop("prompt"), **kwargs)
+    infer.sample(gpt, kwargs.pop("prompt"), **kwargs)
   assert needle in str(e.value)
 
 
@@ -130,7 +124,7 @@ def cnn():
   variables = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32), train=False))
   config = config_lib.defaults()
   config.model.name = "cnn"
-  return model, variables, config
+  return bundle.Loaded(model, variables, config, DIGITS, 0, {})
 
 
 def test_image_files_become_training_inputs(tmp_path):
@@ -152,10 +146,9 @@ def test_image_files_become_training_inputs(tmp_path):
 
 
 def test_predict_ranks_classes_by_probability(cnn):
-  model, variables, config = cnn
   images = [np.random.default_rng(i).random((8, 8)).astype(np.float32) for i in range(3)]
-  results = infer.predict(model, variables, config, DIGITS, images, top_k=10)
-  logits = np.asarray(model.apply(variables, np.stack(images)[..., None], train=False))
+  results = infer.predict(cnn, images, top_k=10)
+  logits = np.asarray(cnn.model.apply(cnn.variables, np.stack(images)[..., None], train=False))
   for r, row in zip(results, logits):
     probs = [t["probability"] for t in r["top"]]
     assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-5
@@ -182,14 +175,13 @@ def _saved(d, name, array):
   ],
 )
 def test_bad_images_are_one_sentence(cnn, tmp_path, make, needle):
-  model, variables, config = cnn
   with pytest.raises(UserError, match="^[^\n]*$") as e:
-    infer.predict(model, variables, config, DIGITS, [make(tmp_path)])
+    infer.predict(cnn, [make(tmp_path)])
   assert needle in str(e.value)
 
 
 def test_models_refuse_the_other_task(gpt, cnn):
   with pytest.raises(UserError, match="use `jaxcollab predict`"):
-    infer.sample(*cnn, "Hi")
+    infer.sample(cnn, "Hi")
   with pytest.raises(UserError, match="use `jaxcollab sample`"):
-    infer.predict(*gpt, {"name": "pydocs", "kind": "text"}, ["x.png"])
+    infer.predict(gpt, ["x.png"])
