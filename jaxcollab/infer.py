@@ -344,7 +344,8 @@ def to_model_input(item: str | np.ndarray, image_shape: tuple[int, int, int], in
 
 @functools.partial(jax.jit, static_argnames="model")
 def _probabilities(model: nn.Module, variables: PyTree, x_BxHxWxC: jax.Array) -> jax.Array:
-  return jax.nn.softmax(model.apply(variables, x_BxHxWxC, train=False), axis=-1)
+  logits_BxK: jax.Array = model.apply(variables, x_BxHxWxC, train=False)  # type: ignore[assignment]  # not mutable.
+  return jax.nn.softmax(logits_BxK, axis=-1)
 
 
 def predict(
