@@ -149,3 +149,49 @@ def test_workdir_to_bundle_to_every_command(tmp_path, capsys):
   assert first == second and first.startswith("The ")
   assert main.main(["predict", "--workdir", out, "x.png"]) == 2
   assert "use `jaxcollab sample`" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def gpt_bundle_dir(tmp_path_factory):
+  config = config_lib.defaults()
+  config.model.name, config.dataset.name = "gpt", "pydocs"
+  config.model.num_layers, config.model.num_heads, config.model.embed_dim, config.model.mlp_dim = 1, 2, 16, 32
+  config.model.context, config.dataset.seq_len = 32, 16
+  dataset = {"name": "pydocs", "kind": "text", "vocab_size": 256, "seq_len": 16, "eval_split": "validation"}
+  out = str(tmp_path_factory.mktemp("b") / "gpt")
+  bundle.write(out, make_loaded(config, dataset), "", {})
+  return out
+
+
+@pytest.mark.parametrize(
+  "command, needle",
+  [
+    (["sample", "--prompt", ""], "The prompt is empty"),
+    (["sample", "--prompt", "Hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["sample", "--prompt", "Hi", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["sample", "--prompt", "Hi", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["sample", "--prompt", "Hi", "--max-new-tokens", "40"], "ask for 1 to 31"),
+    (["predict", "x.png"], "use `jaxcollab sample`"),
+  ],
+)
+def test_bad_sample_requests_exit_2(gpt_bundle_dir, capsys, command, needle):
+  assert main.main([command[0], "--workdir", gpt_bundle_dir, *command[1:]]) == 2
+  err = capsys.readouterr().err
+  assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+  "command, needle",
+  [
+    (["sample", "--prompt", "Hi"], "use `jaxcollab predict`"),
+    (["predict", "JUNK"], "cannot be decoded as an image"),
+    (["predict", "TWO_CHANNELS"], "takes 3-channel images"),
+  ],
+)
+def test_bad_predict_requests_exit_2(resnet_bundle, tmp_path, capsys, command, needle):
+  (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+  np.save(tmp_path / "two.npy", np.zeros((8, 8, 2), np.uint8))
+  files = {"JUNK": str(tmp_path / "junk.jpg"), "TWO_CHANNELS": str(tmp_path / "two.npy")}
+  assert main.main([command[0], "--workdir", resnet_bundle[0], *[files.get(c, c) for c in command[1:]]]) == 2
+  err = capsys.readouterr().err
+  assert needle in err and err.count("\n") == 1 and "Traceback" not in err
