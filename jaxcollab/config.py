@@ -58,6 +58,9 @@ def defaults() -> ConfigDict:
   c.model.dropout = 0.0  # gpt: dropout rate in [0, 1).
   c.model.remat = False  # gpt: rematerialise each block in the backward pass (saves memory).
   c.model.tied = True  # gpt: output head shares the token embedding matrix.
+  # gpt: auto (cuDNN fused attention on NVIDIA GPUs in bfloat16, XLA elsewhere) | xla | cudnn.
+  c.model.attention = "auto"
+  c.model.scan_layers = False  # gpt: one nn.scan over the blocks (compile time flat in depth; stacked params).
 
   c.loss = ConfigDict()
   c.loss.name = "cross_entropy"  # cross_entropy | mse | label_smoothing (classifiers); next_token (LMs)
@@ -110,6 +113,7 @@ def defaults() -> ConfigDict:
       ("conv_out", "fsdp"),
       ("classes", ""),
       ("norm", ""),
+      ("layers", ""),  # The stacked axis of model.scan_layers: every device holds all layers of its shard.
   )
   return c
 
@@ -310,6 +314,8 @@ def validate(config: ConfigDict) -> ConfigDict:
     if m.size:
       _require(m.size in models.GPT_SIZES,
                f"Unknown model.size {m.size!r}; choose one of {', '.join(sorted(models.GPT_SIZES))}.")
+    _require(m.attention in ("auto", "xla", "cudnn"),
+             f"model.attention must be one of auto, xla, cudnn, got {m.attention!r}.")
     dims = models.gpt_dims(m)
     _require(dims["embed_dim"] % dims["num_heads"] == 0,
              f"model.num_heads ({dims['num_heads']}) must divide model.embed_dim ({dims['embed_dim']}).")

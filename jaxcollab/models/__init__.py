@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from jaxcollab.models import gpt as gpt_lib
 from jaxcollab.models.activations import ACTIVATIONS
 from jaxcollab.models.cnn import CNN, CNNConfig
 from jaxcollab.models.gpt import GPT, GPT_SIZES, GPTConfig
@@ -62,14 +63,20 @@ def _resnet(model_config: ConfigDict, info: Any) -> ResNet:
 
 def _gpt(model_config: ConfigDict, info: Any) -> GPT:
   """GPT-2-style LM over info.vocab_size tokens, sized by model.size or the explicit fields."""
+  dims, dtype = gpt_dims(model_config), _dtype(model_config)
+  platform, capability = gpt_lib.current_platform()
+  attention = gpt_lib.attention_implementation(model_config.get("attention", "auto"), platform, dtype,
+                                               dims["embed_dim"] // dims["num_heads"], capability)
   return GPT(GPTConfig(
       vocab_size=int(info.vocab_size),
-      **gpt_dims(model_config),
+      **dims,
       dropout=float(model_config.dropout),
       activation=model_config.activation,
       tied=bool(model_config.tied),
       remat=bool(model_config.remat),
-      dtype=_dtype(model_config),
+      dtype=dtype,
+      attention=attention,
+      scan_layers=bool(model_config.get("scan_layers", False)),
   ))
 
 

@@ -9,18 +9,25 @@ Decoding (flax lm1b style): `init(..., tokens_BxS, decode=True)` creates a `cach
 sized for S positions; then each `apply(..., tokens_BxL, decode=True, mutable=["cache"])`
 appends L tokens and returns their logits. Jitted steps cannot check bounds, so the sampler
 stops at S tokens (slices past the cache or `context` would clamp, not fail).
+
+Attention runs through `jax.nn.dot_product_attention` with the implementation that
+`attention_implementation` picks: cuDNN's fused kernel on NVIDIA GPUs in bf16/fp16, XLA elsewhere.
+`scan_layers` runs the blocks as one `nn.scan` (MaxText's scan_layers) so that compile time stays
+flat in depth; `scan_params`/`unscan_params` map between the two parameter layouts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxcollab.config import UserError
 from jaxcollab.models import activations
 
 # Shape letters, used as suffixes on array names:
@@ -52,6 +59,49 @@ class GPTConfig:
   tied: bool = True
   remat: bool = False
   dtype: Any = jnp.float32  # Compute dtype; parameters stay float32, logits are returned as float32.
+  attention: str = "xla"  # xla | cudnn: the resolved implementation (see attention_implementation).
+  scan_layers: bool = False  # One nn.scan over the blocks: params under "blocks" with a leading layer axis.
+
+
+ATTENTION_CHOICES = ("auto", "xla", "cudnn")  # Values of the config key model.attention.
+_CUDNN_DTYPES = ("bfloat16", "float16")
+
+
+def attention_implementation(requested: str, platform: str, dtype: Any, head_dim: int,
+                             compute_capability: str | None = None) -> str:
+  """The `jax.nn.dot_product_attention` implementation for a request on a platform, or a UserError.
+
+  `platform` is "cuda", "rocm", "cpu" or "tpu"; `compute_capability` ("9.0") decides cuDNN's head-dim
+  limit (256 from Hopper on, else 128), as jax's own check does.
+  """
+  if requested not in ATTENTION_CHOICES:
+    raise UserError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {requested!r}.")
+  if requested == "xla":
+    return "xla"
+  dtype_name = jnp.dtype(dtype).name
+  hopper = compute_capability is not None and tuple(map(int, compute_capability.split("."))) >= (9, 0)
+  head_max = 256 if hopper else 128
+  problems = []
+  if platform != "cuda":
+    problems.append(f"it needs an NVIDIA GPU and this run is on {platform}")
+  if dtype_name not in _CUDNN_DTYPES:
+    problems.append(f"it needs model.dtype=bfloat16, not {dtype_name}")
+  if head_dim % 8 or head_dim > head_max:
+    problems.append(f"its head dim (embed_dim / num_heads = {head_dim}) must be a multiple of 8 and <= {head_max}")
+  if not problems:
+    return "cudnn"
+  if requested == "auto":
+    return "xla"
+  raise UserError(f"model.attention=cudnn is impossible here: {'; '.join(problems)}; use model.attention=auto.")
+
+
+def current_platform() -> tuple[str, str | None]:
+  """("cuda" | "rocm" | "cpu" | "tpu", compute capability or None) of the default device."""
+  device = jax.devices()[0]
+  if device.platform == "gpu":
+    version = str(getattr(device.client, "platform_version", "")).lower()
+    return ("rocm" if "rocm" in version else "cuda"), getattr(device, "compute_capability", None)
+  return device.platform, None
 
 
 def _normal(std: float, names: tuple[str | None, ...]) -> nn.initializers.Initializer:
@@ -115,13 +165,17 @@ class CausalSelfAttention(nn.Module):
       key.value, value.value, index.value = k_BxSxHxK, v_BxSxHxK, i + L
       S = k_BxSxHxK.shape[1]
       mask_1x1xLxS = (jnp.arange(S)[None, :] <= i + jnp.arange(L)[:, None])[None, None]
-      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_1x1xLxS)
+      # Always XLA: cuDNN's causal mask is aligned at the top left, so a chunk at offset i > 0 needs this
+      # explicit mask, which cuDNN would turn into a dense bias; one-token steps are memory-bound anyway.
+      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_1x1xLxS,
+                                                 implementation="xla")
     else:
       if decode:  # First (init) call in decode mode: size the cache from this input's length.
         self.variable("cache", "key", jnp.zeros, k_BxLxHxK.shape, k_BxLxHxK.dtype)
         self.variable("cache", "value", jnp.zeros, v_BxLxHxK.shape, v_BxLxHxK.dtype)
         self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
+      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True,
+                                                 implementation=c.attention)
 
     out_BLxHxK = nn.with_logical_constraint(out_BxLxHxK.reshape(B * L, H, K), ("batch", "heads", "kv"))
     return nn.Einsum(
@@ -176,6 +230,23 @@ class Block(nn.Module):
     return x_BLxD.reshape(B, L, D)
 
 
+def _block(c: GPTConfig) -> type[Block]:
+  # Static positions count `self`: (self, x, train, decode).
+  return nn.remat(Block, static_argnums=(2, 3)) if c.remat else Block
+
+
+class _ScanBlock(nn.Module):
+  """Block in nn.scan's (carry, x) -> (carry, y) form; train/decode are static attributes."""
+
+  config: GPTConfig
+  train: bool = False
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, _: None) -> tuple[jax.Array, None]:
+    return _block(self.config)(self.config, name="block")(x_BxLxD, self.train, self.decode), None
+
+
 class GPT(nn.Module):
   """Tokens [B, L] int32 -> next-token logits [B, L, V] float32."""
 
@@ -211,10 +282,15 @@ class GPT(nn.Module):
     x_BxLxD = nn.with_logical_constraint(embed(tokens_BxL), ("batch", None, None)) + pos_LxD[None]
     x_BxLxD = nn.Dropout(c.dropout, deterministic=not train)(x_BxLxD)
 
-    # Static positions count `self`: (self, x, train, decode).
-    block = nn.remat(Block, static_argnums=(2, 3)) if c.remat else Block
-    for i in range(c.num_layers):
-      x_BxLxD = block(c, name=f"block_{i}")(x_BxLxD, train, decode)
+    if c.scan_layers:
+      # One traced block instead of num_layers copies: compile time stays flat in depth. Parameters
+      # (and the decode cache) gain a leading layer axis, logically named "layers" (never sharded).
+      stack = nn.scan(_ScanBlock, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+                      length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxLxD, _ = stack(c, train, decode, name="blocks")(x_BxLxD, None)
+    else:
+      for i in range(c.num_layers):
+        x_BxLxD = _block(c)(c, name=f"block_{i}")(x_BxLxD, train, decode)
 
     x_BLxD = _layer_norm(c, "ln_f")(x_BxLxD.reshape(B * L, D))
     if c.tied:
@@ -230,3 +306,41 @@ class GPT(nn.Module):
       )(x_BLxD)
     logits_BLxV = nn.with_logical_constraint(logits_BLxV, ("batch", "vocab"))
     return logits_BLxV.reshape(B, L, c.vocab_size).astype(jnp.float32)
+
+
+def scan_params(tree: Any, num_layers: int) -> Any:
+  """Unscanned layout (block_0 .. block_{N-1}) -> scanned (blocks/block, leading layer axis), anywhere in `tree`.
+
+  Works on params and on anything holding param-shaped subtrees (Adam's moments in an optax state).
+  """
+
+  def convert(node: Mapping) -> dict:
+    blocks = [node[f"block_{i}"] for i in range(num_layers)]
+    rest = {k: v for k, v in node.items() if not (k.startswith("block_") and k[6:].isdigit())}
+    return {**rest, "blocks": {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}}
+
+  return _map_dicts(tree, lambda node: "block_0" in node, convert)
+
+
+def unscan_params(tree: Any, num_layers: int) -> Any:
+  """Inverse of `scan_params`: blocks/block with a leading layer axis -> block_0 .. block_{N-1}."""
+
+  def convert(node: Mapping) -> dict:
+    stacked = node["blocks"]["block"]
+    rest = {k: v for k, v in node.items() if k != "blocks"}
+    return {**rest, **{f"block_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}}
+
+  return _map_dicts(tree, lambda node: "blocks" in node, convert)
+
+
+def _map_dicts(tree: Any, match, convert) -> Any:
+  """Applies `convert` to every mapping in `tree` that `match`es, rebuilding dicts and (named)tuples around it."""
+  if isinstance(tree, Mapping):
+    if match(tree):
+      return convert(tree)
+    return type(tree)({k: _map_dicts(v, match, convert) for k, v in tree.items()}) if isinstance(tree, dict) else {
+        k: _map_dicts(v, match, convert) for k, v in tree.items()}
+  if isinstance(tree, tuple):
+    items = [_map_dicts(v, match, convert) for v in tree]
+    return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+  return tree
