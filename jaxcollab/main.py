@@ -9,14 +9,12 @@ import os
 import sys
 import time
 
+from jaxcollab import runtime
+
 
 def _configure_runtime() -> None:
-  """Environment that must be set before jax starts: CPU fusion choice, quiet logs, compile cache."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_cpu_experimental_ynn_fusion_type" not in flags:
-    # jaxlib 0.10 routes CPU dots/convs through YNNPACK fusions, which ran our CNN step 2.4x slower
-    # on x86 CPUs (benchmarks/ynn_fusion.py measures it). Only the CPU backend reads this flag.
-    os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_experimental_ynn_fusion_type=").strip()
+  """Environment that must be set before jax starts: XLA flags per platform, quiet logs, compile cache."""
+  runtime.set_xla_flags()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import jax  # pylint: disable=g-import-not-at-top
 
