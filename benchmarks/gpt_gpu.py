@@ -1,7 +1,7 @@
 """Is jaxcollab's GPT train step as fast as PyTorch's on a GPU? (issue 10) One short job, one table.
 
 Times, one child process after another on the same device (so each has the device, and its memory
-peak, to itself): the bf16 matmul peak; jaxcollab's bare train step (`train.build` +
+peak, to itself): the bf16 matmul peak; jaxcollab's bare train step (`run.build` +
 `train.jit_train_step`) with each attention choice; `jaxcollab train` through the CLI (tokens/s from
 its metrics.jsonl); and Hugging Face `GPT2LMHeadModel` of the same shape (random init, vocab 256,
 sdpa attention, bf16 autocast, fused AdamW, clipping 1.0, `torch.compile`). Prints ms/step,
@@ -19,7 +19,8 @@ Shape: experiments/gpt_pydocs.py with --config.model.size=gpt2-124m --config.mod
 The GPU machines have jax (CUDA), flax, optax, orbax, torch and transformers but not grain,
 ml_collections or tensorboardX (nor, perhaps, matplotlib). Carry them as wheels: where there is
 internet, with the GPU machine's Python version,
-  pip download --only-binary=:all: --python-version 3.11 -d benchmarks/wheels grain ml_collections tensorboardX matplotlib
+  pip download --only-binary=:all: --python-version 3.11 -d benchmarks/wheels \
+      grain ml_collections tensorboardX matplotlib
 (about 47 MB), send benchmarks/wheels along, and pass --wheels benchmarks/wheels: the script runs
 `pip install --no-index --find-links benchmarks/wheels ...` first, which installs only what is missing.
 Run it from the repository root; it imports this checkout through PYTHONPATH (no pip install).
@@ -42,11 +43,21 @@ sys.path.insert(0, ROOT)  # Measure this checkout, not whatever jaxcollab is ins
 NEEDED = ("jax", "flax", "optax", "orbax.checkpoint", "grain", "ml_collections", "tensorboardX", "matplotlib", "tqdm")
 GIB = 2**30
 
-GPU_SHAPE = ["--config.model.size=gpt2-124m", "--config.model.dtype=bfloat16", "--config.model.dropout=0.0",
-             "--config.dataset.seq_len=1024"]
-CPU_SHAPE = ["--config.model.num_layers=2", "--config.model.num_heads=2", "--config.model.embed_dim=64",
-             "--config.model.mlp_dim=256", "--config.model.context=128", "--config.dataset.seq_len=128",
-             "--config.model.dropout=0.0"]
+GPU_SHAPE = [
+  "--config.model.size=gpt2-124m",
+  "--config.model.dtype=bfloat16",
+  "--config.model.dropout=0.0",
+  "--config.dataset.seq_len=1024",
+]
+CPU_SHAPE = [
+  "--config.model.num_layers=2",
+  "--config.model.num_heads=2",
+  "--config.model.embed_dim=64",
+  "--config.model.mlp_dim=256",
+  "--config.model.context=128",
+  "--config.dataset.seq_len=128",
+  "--config.model.dropout=0.0",
+]
 
 # ---------------------------------------------------------------------------------------------
 # Children: each measures one thing and prints one JSON line; `t0` is the parent's clock at spawn.
@@ -55,8 +66,9 @@ CPU_SHAPE = ["--config.model.num_layers=2", "--config.model.num_heads=2", "--con
 def _jax_config(overrides: list[str]):
   from jaxcollab import config as config_lib  # children import after setting XLA flags
 
-  return config_lib.apply_overrides(config_lib.load_experiment(os.path.join(ROOT, "experiments", "gpt_pydocs.py")),
-                                    overrides)
+  return config_lib.apply_overrides(
+    config_lib.load_experiment(os.path.join(ROOT, "experiments", "gpt_pydocs.py")), overrides
+  )
 
 
 def _flops_per_token(n_params: int, layers: int, heads: int, head_dim: int, seq: int) -> float:
@@ -79,8 +91,12 @@ def child_peak(spec: dict) -> dict:
     t = time.perf_counter()
     mm(a, b).block_until_ready()
     times.append(time.perf_counter() - t)
-  out = {"jax_tflops": 2 * n**3 / min(times) / 1e12, "n": n, "dtype": jnp.dtype(dtype).name,
-         "device": jax.devices()[0].device_kind}
+  out = {
+    "jax_tflops": 2 * n**3 / min(times) / 1e12,
+    "n": n,
+    "dtype": jnp.dtype(dtype).name,
+    "device": jax.devices()[0].device_kind,
+  }
   try:
     import torch
 
@@ -107,17 +123,24 @@ def child_jax_step(spec: dict) -> dict:
   import jax
   import numpy as np
 
-  from jaxcollab import sharding, train
+  from jaxcollab import run, sharding, train
 
   config = _jax_config(spec["overrides"])
-  run = train.build(config, jax.devices()[:1])
-  state, step = run.init_state(), train.jit_train_step(run)
-  B, T, V = config.train.batch_size, config.dataset.seq_len, run.dataset.info.vocab_size
+  built = run.build(config, jax.devices()[:1])
+  state, step = built.init_state(), train.jit_train_step(built)
+  B, T, V = config.train.batch_size, config.dataset.seq_len, built.dataset.info.vocab_size
   rng = np.random.default_rng(0)
-  batches = [sharding.to_global({"inputs": rng.integers(0, V, (B, T), dtype=np.int32),
-                                 "targets": rng.integers(0, V, (B, T), dtype=np.int32),
-                                 "mask": np.ones((B, T), np.float32)}, sharding.batch_sharding(run.mesh))
-             for _ in range(2)]
+  batches = [
+    sharding.to_global(
+      {
+        "inputs": rng.integers(0, V, (B, T), dtype=np.int32),
+        "targets": rng.integers(0, V, (B, T), dtype=np.int32),
+        "mask": np.ones((B, T), np.float32),
+      },
+      sharding.batch_sharding(built.mesh),
+    )
+    for _ in range(2)
+  ]
   jax.block_until_ready(state)
   t = time.time()
   state, metrics = step(state, batches[0])
@@ -135,12 +158,20 @@ def child_jax_step(spec: dict) -> dict:
     per_step.append((time.perf_counter() - t) / spec["steps"])
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   n_params -= int(np.prod(_find(state.params, "position_embed").shape))
-  c = run.model.config
+  c = built.model.config
   stats = jax.devices()[0].memory_stats() or {}
-  return {"s_per_step": statistics.median(per_step), "first_step_s": first, "first_call_s": first_call,
-          "batch": B, "seq": T, "flops_per_token": _flops_per_token(n_params, c.num_layers, c.num_heads, c.embed_dim // c.num_heads, T),
-          "peak_bytes": stats.get("peak_bytes_in_use"), "attention": c.attention, "scan_layers": c.scan_layers,
-          "loss": float(metrics["loss"])}
+  return {
+    "s_per_step": statistics.median(per_step),
+    "first_step_s": first,
+    "first_call_s": first_call,
+    "batch": B,
+    "seq": T,
+    "flops_per_token": _flops_per_token(n_params, c.num_layers, c.num_heads, c.embed_dim // c.num_heads, T),
+    "peak_bytes": stats.get("peak_bytes_in_use"),
+    "attention": c.attention,
+    "scan_layers": c.scan_layers,
+    "loss": float(metrics["loss"]),
+  }
 
 
 def _find(tree: dict, key: str):
@@ -164,12 +195,22 @@ def child_hf(spec: dict) -> dict:
   device = "cuda" if cuda else "cpu"
   torch.manual_seed(0)
   hf_config = transformers.GPT2Config(
-      vocab_size=d["vocab"], n_positions=d["context"], n_embd=d["embed_dim"], n_layer=d["num_layers"],
-      n_head=d["num_heads"], n_inner=d["mlp_dim"], activation_function="gelu_new",  # jax.nn.gelu's tanh form.
-      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+    vocab_size=d["vocab"],
+    n_positions=d["context"],
+    n_embd=d["embed_dim"],
+    n_layer=d["num_layers"],
+    n_head=d["num_heads"],
+    n_inner=d["mlp_dim"],
+    activation_function="gelu_new",  # jax.nn.gelu's tanh form.
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    attn_implementation="sdpa",
+  )
   model = transformers.GPT2LMHeadModel(hf_config).to(device).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, spec["b2"]), weight_decay=spec["wd"],
-                          fused=cuda)
+  opt = torch.optim.AdamW(
+    model.parameters(), lr=spec["lr"], betas=(0.9, spec["b2"]), weight_decay=spec["wd"], fused=cuda
+  )
   bf16 = spec["bf16"]
 
   def train_step(x, y):
@@ -185,8 +226,13 @@ def child_hf(spec: dict) -> dict:
   step = torch.compile(train_step) if spec["compile"] else train_step
   B, T = spec["batch"], spec["seq"]
   g = torch.Generator().manual_seed(0)
-  batches = [(torch.randint(0, d["vocab"], (B, T), generator=g).to(device),
-              torch.randint(0, d["vocab"], (B, T), generator=g).to(device)) for _ in range(2)]
+  batches = [
+    (
+      torch.randint(0, d["vocab"], (B, T), generator=g).to(device),
+      torch.randint(0, d["vocab"], (B, T), generator=g).to(device),
+    )
+    for _ in range(2)
+  ]
   sync = torch.cuda.synchronize if cuda else (lambda: None)
   loss = step(*batches[0])
   sync()
@@ -202,11 +248,16 @@ def child_hf(spec: dict) -> dict:
     sync()
     per_step.append((time.perf_counter() - t) / spec["steps"])
   n_params = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
-  return {"s_per_step": statistics.median(per_step), "first_step_s": first, "batch": B, "seq": T,
-          "flops_per_token": _flops_per_token(n_params, d["num_layers"], d["num_heads"],
-                                              d["embed_dim"] // d["num_heads"], T),
-          "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None, "loss": float(loss),
-          "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+  return {
+    "s_per_step": statistics.median(per_step),
+    "first_step_s": first,
+    "batch": B,
+    "seq": T,
+    "flops_per_token": _flops_per_token(n_params, d["num_layers"], d["num_heads"], d["embed_dim"] // d["num_heads"], T),
+    "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+    "loss": float(loss),
+    "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+  }
 
 
 CHILDREN = {"peak": child_peak, "jax_step": child_jax_step, "hf": child_hf}
@@ -220,8 +271,15 @@ def spawn(kind: str, spec: dict, env: dict | None = None, timeout: int = 420) ->
   spec = {**spec, "t0": time.time()}
   env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
   try:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=timeout, check=False)
+    out = subprocess.run(
+      [sys.executable, __file__, "--child", kind, json.dumps(spec)],
+      env=env,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+    )
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout} s"}
   lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -233,10 +291,22 @@ def spawn(kind: str, spec: dict, env: dict | None = None, timeout: int = 420) ->
 def cli_run(overrides: list[str], steps: int, log_every: int, timeout: int = 420) -> dict:
   """`jaxcollab train` as a user runs it; tokens/s is the median of the logged rows after the first."""
   with tempfile.TemporaryDirectory() as workdir:
-    args = [sys.executable, "-m", "jaxcollab.main", "train", "--config", "experiments/gpt_pydocs.py",
-            "--workdir", workdir, *overrides, f"--config.train.steps={steps}", f"--config.train.log_every={log_every}",
-            f"--config.train.eval_every={steps}", f"--config.checkpoint.every={steps}",
-            f"--config.optimizer.warmup_steps={min(steps // 2, 100)}"]
+    args = [
+      sys.executable,
+      "-m",
+      "jaxcollab.main",
+      "train",
+      "--config",
+      "experiments/gpt_pydocs.py",
+      "--workdir",
+      workdir,
+      *overrides,
+      f"--config.train.steps={steps}",
+      f"--config.train.log_every={log_every}",
+      f"--config.train.eval_every={steps}",
+      f"--config.checkpoint.every={steps}",
+      f"--config.optimizer.warmup_steps={min(steps // 2, 100)}",
+    ]
     env = {**os.environ, "PYTHONPATH": ROOT, "JAXCOLLAB_CACHE": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
     t = time.time()
     try:
@@ -257,8 +327,9 @@ def install_wheels(folder: str) -> None:
   if missing:
     names = [{"tensorboardX": "tensorboardX", "ml_collections": "ml_collections"}.get(m, m) for m in missing]
     print(f"installing {', '.join(names)} from {folder}", flush=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", folder, *names],
-                   check=True)
+    subprocess.run(
+      [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", folder, *names], check=True
+    )
 
 
 def _importable(module: str) -> bool:
@@ -272,8 +343,14 @@ def _row(name: str, r: dict, peak_tflops: float | None) -> dict:
     return {"name": name, **r}
   tokens = r["batch"] * r["seq"] / r["s_per_step"]
   tflops = tokens * r["flops_per_token"] / 1e12
-  return {"name": name, **r, "ms_per_step": 1e3 * r["s_per_step"], "tokens_per_s": tokens, "tflops": tflops,
-          "share_of_peak": tflops / peak_tflops if peak_tflops else None}
+  return {
+    "name": name,
+    **r,
+    "ms_per_step": 1e3 * r["s_per_step"],
+    "tokens_per_s": tokens,
+    "tflops": tflops,
+    "share_of_peak": tflops / peak_tflops if peak_tflops else None,
+  }
 
 
 def _fmt(x, spec: str, scale: float = 1.0) -> str:
@@ -281,10 +358,15 @@ def _fmt(x, spec: str, scale: float = 1.0) -> str:
 
 
 def print_table(rows: list[dict], peak: dict) -> None:
-  print(f"\nmatmul peak: {_fmt(peak.get('tflops'), '.1f')} TFLOP/s ({peak.get('dtype')} {peak.get('n')}^3 on "
-        f"{peak.get('device')}; jax {_fmt(peak.get('jax_tflops'), '.1f')}, torch {_fmt(peak.get('torch_tflops'), '.1f')})")
-  head = f"{'run':<44} {'batch':>9} {'ms/step':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'of peak':>8} " \
-         f"{'peak mem':>9} {'1st step':>8}"
+  print(
+    f"\nmatmul peak: {_fmt(peak.get('tflops'), '.1f')} TFLOP/s ({peak.get('dtype')} {peak.get('n')}^3 on "
+    f"{peak.get('device')}; jax {_fmt(peak.get('jax_tflops'), '.1f')}, "
+    f"torch {_fmt(peak.get('torch_tflops'), '.1f')})"
+  )
+  head = (
+    f"{'run':<44} {'batch':>9} {'ms/step':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'of peak':>8} "
+    f"{'peak mem':>9} {'1st step':>8}"
+  )
   print(head)
   print("-" * len(head))
   for r in rows:
@@ -292,9 +374,11 @@ def print_table(rows: list[dict], peak: dict) -> None:
       print(f"{r['name']:<44} error: {r['error']}")
       continue
     batch = f"{r['batch']}x{r['seq']}" if "batch" in r else "-"
-    print(f"{r['name']:<44} {batch:>9} {_fmt(r.get('ms_per_step'), '.1f'):>8} {_fmt(r['tokens_per_s'], ',.0f'):>10} "
-          f"{_fmt(r.get('tflops'), '.1f'):>8} {_fmt(r.get('share_of_peak'), '.0%'):>8} "
-          f"{_fmt(r.get('peak_bytes'), '.2f', 1 / GIB):>6} GiB {_fmt(r.get('first_step_s'), '.1f'):>7}s")
+    print(
+      f"{r['name']:<44} {batch:>9} {_fmt(r.get('ms_per_step'), '.1f'):>8} {_fmt(r['tokens_per_s'], ',.0f'):>10} "
+      f"{_fmt(r.get('tflops'), '.1f'):>8} {_fmt(r.get('share_of_peak'), '.0%'):>8} "
+      f"{_fmt(r.get('peak_bytes'), '.2f', 1 / GIB):>6} GiB {_fmt(r.get('first_step_s'), '.1f'):>7}s"
+    )
 
 
 def main() -> None:
@@ -332,20 +416,38 @@ def speed(args: argparse.Namespace) -> None:
   """The issue's table: peak, jaxcollab's step, the CLI, Hugging Face; one child at a time, in priority order."""
   shape, batches = (CPU_SHAPE, (4, 8)) if args.cpu else (GPU_SHAPE, (16, 32))
   batches = batches[:1] if args.quick else batches
-  timing = ({"warmup": 3, "steps": 5, "repeats": 3} if args.cpu else
-            {"warmup": 5, "steps": 10, "repeats": 3} if args.quick else {"warmup": 10, "steps": 20, "repeats": 3})
+  timing = (
+    {"warmup": 3, "steps": 5, "repeats": 3}
+    if args.cpu
+    else {"warmup": 5, "steps": 10, "repeats": 3}
+    if args.quick
+    else {"warmup": 10, "steps": 20, "repeats": 3}
+  )
   started = time.time()
-  result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
-            "machine": platform.node(), "cpu": args.cpu, "overrides": shape, "rows": []}
+  result = {
+    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    "python": platform.python_version(),
+    "machine": platform.node(),
+    "cpu": args.cpu,
+    "overrides": shape,
+    "rows": [],
+  }
   peak = spawn("peak", {"n": 1024 if args.cpu else 8192, "reps": 5 if args.cpu else 20})
   result["peak"] = peak
   print(f"peak: {peak}", flush=True)
   config = _jax_config(shape)  # Imports only the config machinery; the parent never starts a backend.
-  from jaxcollab import models
+  from jaxcollab.models import gpt
 
   seq, o = config.dataset.seq_len, config.optimizer
-  hf = {"dims": {"vocab": 256, **models.gpt_dims(config.model)}, "seq": seq, "lr": o.learning_rate, "b2": o.b2,
-        "wd": o.weight_decay, "bf16": not args.cpu, **timing}
+  hf = {
+    "dims": {"vocab": 256, **gpt.dims(config.model)},
+    "seq": seq,
+    "lr": o.learning_rate,
+    "b2": o.b2,
+    "wd": o.weight_decay,
+    "bf16": not args.cpu,
+    **timing,
+  }
   size = lambda b: [*shape, f"--config.train.batch_size={b}"]
   step = lambda b, *extra, env=None: lambda: spawn("jax_step", {"overrides": [*size(b), *extra], **timing}, env=env)
   compiled = "eager" if args.cpu else "torch.compile"  # Inductor on a CPU needs a C++ toolchain and minutes.
@@ -361,13 +463,17 @@ def speed(args: argparse.Namespace) -> None:
   b0 = batches[0]
   plan = []
   for b in batches:
-    plan += [(f"jaxcollab step, attention=auto, b{b}", step(b)),
-             (f"HF GPT2LMHeadModel, {compiled}, b{b}", lambda b=b: spawn("hf", {**hf, "batch": b, "compile": not args.cpu}))]
+    plan += [
+      (f"jaxcollab step, attention=auto, b{b}", step(b)),
+      (f"HF GPT2LMHeadModel, {compiled}, b{b}", lambda b=b: spawn("hf", {**hf, "batch": b, "compile": not args.cpu})),
+    ]
     if b == b0:
       plan.append((f"jaxcollab train (CLI), b{b}", lambda b=b: cli(b)))
-  plan += [(f"jaxcollab step, attention=xla, b{b0}", step(b0, "--config.model.attention=xla")),
-           (f"jaxcollab step, auto, no GPU XLA flags, b{b0}", step(b0, env={"JAXCOLLAB_GPU_FLAGS": "0"})),
-           (f"jaxcollab step, auto, scan_layers, b{b0}", step(b0, "--config.model.scan_layers=true"))]
+  plan += [
+    (f"jaxcollab step, attention=xla, b{b0}", step(b0, "--config.model.attention=xla")),
+    (f"jaxcollab step, auto, no GPU XLA flags, b{b0}", step(b0, env={"JAXCOLLAB_GPU_FLAGS": "0"})),
+    (f"jaxcollab step, auto, scan_layers, b{b0}", step(b0, "--config.model.scan_layers=true")),
+  ]
   if not args.cpu:
     plan.append((f"HF GPT2LMHeadModel, eager, b{b0}", lambda: spawn("hf", {**hf, "batch": b0, "compile": False})))
   for name, measure in plan:
@@ -407,15 +513,23 @@ def depth(args: argparse.Namespace) -> None:
   print(f"{'model':<14} {'scan_layers':>11} {'1st step s':>10} {'compile+1st call s':>18} {'ms/step':>8}")
   for name, overrides in sizes.items():
     for scan in (False, True):
-      r = spawn("jax_step", {"overrides": [*overrides, f"--config.train.batch_size={batch}",
-                                           f"--config.model.scan_layers={scan}"], **timing})
+      r = spawn(
+        "jax_step",
+        {
+          "overrides": [*overrides, f"--config.train.batch_size={batch}", f"--config.model.scan_layers={scan}"],
+          **timing,
+        },
+      )
       result["rows"].append({"model": name, "scan_layers": scan, **r})
       _write(args.out.replace(".json", "_depth.json"), result)
       if "error" in r:
         print(f"{name:<14} {scan!s:>11} error: {r['error']}")
       else:
-        print(f"{name:<14} {scan!s:>11} {r['first_step_s']:>10.1f} {r['first_call_s']:>18.1f} "
-              f"{1e3 * r['s_per_step']:>8.1f}", flush=True)
+        print(
+          f"{name:<14} {scan!s:>11} {r['first_step_s']:>10.1f} {r['first_call_s']:>18.1f} "
+          f"{1e3 * r['s_per_step']:>8.1f}",
+          flush=True,
+        )
   print(f"wrote {args.out.replace('.json', '_depth.json')}")
 
 

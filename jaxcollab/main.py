@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
 
+from jaxcollab import config as config_lib
 from jaxcollab import runtime
-
-
-def _configure_runtime() -> None:
-  """Environment that must be set before jax starts: XLA flags per platform, quiet logs, compile cache."""
-  runtime.set_xla_flags()
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  import jax  # pylint: disable=g-import-not-at-top
-
-  cache = os.environ.get("JAXCOLLAB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxcollab", "xla"))
-  if cache:
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+from jaxcollab.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
 
   train = sub.add_parser("train", allow_abbrev=False, help="train an experiment into a workdir (resumes if it has checkpoints)",
                          description="Train an experiment; extra --config.a.b=VALUE flags override its config.")
-  train.add_argument("--config", required=True, help="experiment file (experiments/cnn_digits.py) or name (cnn_digits); FILE:ARG passes ARG to get_config, e.g. cnn_digits.py:smoke")
+  train.add_argument("--config", required=True, help="experiment file (experiments/cnn_digits.py) or name (cnn_digits); FILE:ARG passes ARG to get_config, e.g. cnn_digits:smoke")
   train.add_argument("--workdir", required=True, help="run directory: config.json, metrics, checkpoints, plots")
   dist = train.add_argument_group("several processes (see README 'Scaling out')")
   dist.add_argument("--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), help="HOST:PORT of process 0")
@@ -58,34 +47,40 @@ def _env_int(name: str) -> int | None:
   return int(value) if value and value.lstrip("-").isdigit() else None
 
 
-def _train(args, overrides: list[str]) -> None:
-  from jaxcollab import config as config_lib, sharding, train  # pylint: disable=g-import-not-at-top
+def _train(args: argparse.Namespace, overrides: list[str]) -> None:
+  # The shared keys are checked before jax is imported, so a typo is reported in well under a second.
+  config = config_lib.validate(config_lib.apply_overrides(config_lib.load_experiment(args.config), overrides))
+  runtime.configure()
+  # Imported here, not at the top: XLA_FLAGS (set by configure) must be in place before jax starts.
+  import jax  # pylint: disable=g-import-not-at-top
 
+  from jaxcollab import run, sharding, train  # pylint: disable=g-import-not-at-top
+
+  config = run.resolve(config, config_lib.override_keys(overrides))
   # Before anything touches a device: jax.distributed must start before the backends do.
   if args.distributed or args.coordinator_address or args.num_processes is not None or args.process_id is not None:
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, args.init_timeout)
     sharding.check_same_across_processes(os.path.abspath(args.workdir), "--workdir")
-  config = config_lib.apply_overrides(config_lib.load_experiment(args.config), overrides)
   start = time.perf_counter()
   result = train.train_and_evaluate(config, args.workdir)
   if not result:  # Stopped by a signal; train_and_evaluate has said where it saved.
     return
-  import jax  # pylint: disable=g-import-not-at-top
-
   if jax.process_index() == 0:
     summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
     print(f"Final evaluation: {summary} ({time.perf_counter() - start:.0f} s); results in {args.workdir}")
 
 
-def _eval(args) -> None:
-  from jaxcollab import evaluate  # pylint: disable=g-import-not-at-top
+def _eval(args: argparse.Namespace) -> None:
+  runtime.configure()
+  from jaxcollab import evaluate  # pylint: disable=g-import-not-at-top  # After configure: see _train.
 
   result = evaluate.evaluate_checkpoint(args.workdir, args.step)
   print(json.dumps(result, indent=2))
 
 
-def _inspect(args) -> None:
-  from jaxcollab import reload  # pylint: disable=g-import-not-at-top
+def _inspect(args: argparse.Namespace) -> None:
+  runtime.configure()
+  from jaxcollab import reload  # pylint: disable=g-import-not-at-top  # After configure: see _train.
 
   info = reload.describe(args.path, args.step)
   if args.json:
@@ -125,12 +120,6 @@ def main(argv: list[str] | None = None) -> int:
   stray = [u for u in unknown if not u.startswith("--config.")]
   if stray or (overrides and args.command != "train"):
     parser.error(f"unrecognized arguments: {' '.join(stray or overrides)}")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-  for noisy in ("absl", "jax", "orbax", "grain", "tensorflow_datasets"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  _configure_runtime()
-  from jaxcollab.config import UserError  # pylint: disable=g-import-not-at-top
-
   try:
     {"train": lambda: _train(args, overrides), "eval": lambda: _eval(args), "inspect": lambda: _inspect(args)}[
         args.command]()

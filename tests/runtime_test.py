@@ -26,8 +26,14 @@ def test_a_flag_the_user_set_keeps_the_users_value():
 def test_every_flag_parses_in_this_jaxlib():
   # XLA aborts the process on an unknown flag; the flag table is shared by the CPU and GPU builds.
   env = dict(os.environ, XLA_FLAGS=runtime.xla_flags("", gpu=True), JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
-                       env=env, capture_output=True, text=True, timeout=120, check=False)
+  out = subprocess.run(
+    [sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert out.returncode == 0 and out.stdout.strip() == "3.0", out.stderr[-500:]
 
 

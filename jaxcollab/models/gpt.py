@@ -21,13 +21,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from jaxcollab.config import UserError
+from jaxcollab.errors import ConfigError
 from jaxcollab.models import activations
 
 # Shape letters, used as suffixes on array names:
@@ -42,6 +43,71 @@ GPT_SIZES: dict[str, dict[str, int]] = {
     "gpt2-large": dict(num_layers=36, num_heads=20, embed_dim=1280, mlp_dim=5120, context=1024),
     "gpt2-xl": dict(num_layers=48, num_heads=25, embed_dim=1600, mlp_dim=6400, context=1024),
 }
+DIMS = ("num_layers", "num_heads", "embed_dim", "mlp_dim", "context")
+
+TASK = "text"
+# Config keys behind the logical axis names, named when a mesh cannot split that axis.
+AXIS_KEYS = {"heads": "model.num_heads", "mlp": "model.mlp_dim", "embed": "model.embed_dim",
+             "vocab": "the vocabulary size"}
+
+
+def config_fields() -> ml_collections.ConfigDict:
+  """The model.* keys the GPT reads besides name, activation and dtype, with their defaults."""
+  c = ml_collections.ConfigDict()
+  c.size = ""  # named size (gpt2-124m, gpt2-medium, tiny, small, ...) or "" to use the five fields below.
+  c.num_layers = 4  # int > 0: transformer blocks.
+  c.num_heads = 4  # int > 0: attention heads; must divide embed_dim.
+  c.embed_dim = 128  # int > 0: residual stream width.
+  c.mlp_dim = 512  # int > 0: hidden width of each block's MLP.
+  c.context = 256  # int > 0: learned positions (max sequence length); >= dataset.seq_len.
+  c.dropout = 0.0  # float in [0, 1): dropout on the embeddings and each residual branch.
+  c.remat = False  # bool: rematerialise each block in the backward pass (saves memory).
+  c.tied = True  # bool: the output head shares the token embedding matrix.
+  c.attention = "auto"  # auto (cuDNN fused attention on NVIDIA GPUs in bfloat16, XLA elsewhere) | xla | cudnn.
+  c.scan_layers = False  # bool: one nn.scan over the blocks (compile time flat in depth; stacked params).
+  return c
+
+
+def dims(model: ml_collections.ConfigDict) -> dict[str, int]:
+  """Shape fields: from GPT_SIZES[model.size] when a size is named, else from the model fields."""
+  if model.get("size", ""):
+    if model.size not in GPT_SIZES:
+      raise ConfigError(f"Unknown model.size {model.size!r}; choose one of {', '.join(sorted(GPT_SIZES))}.")
+    return dict(GPT_SIZES[model.size])
+  return {k: int(model[k]) for k in DIMS}
+
+
+def check(model: ml_collections.ConfigDict, dataset: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for a value the GPT cannot use."""
+  d = dims(model)
+  for key in DIMS:
+    if d[key] <= 0:
+      raise ConfigError(f"model.{key} must be a positive integer, got {d[key]}.")
+  if d["embed_dim"] % d["num_heads"]:
+    raise ConfigError(f"model.num_heads ({d['num_heads']}) must divide model.embed_dim ({d['embed_dim']}).")
+  if not 0 <= model.dropout < 1:
+    raise ConfigError(f"model.dropout must be in [0, 1), got {model.dropout}.")
+  if dataset.seq_len > d["context"]:
+    raise ConfigError(f"dataset.seq_len ({dataset.seq_len}) exceeds model.context ({d['context']}); raise "
+                      "model.context or lower dataset.seq_len.")
+  if model.attention not in ATTENTION_CHOICES:
+    raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {model.attention!r}.")
+
+
+def make(model: ml_collections.ConfigDict, info: Any, dtype: Any) -> GPT:
+  """GPT-2-style LM over info.vocab_size tokens, sized by model.size or the explicit fields.
+
+  Resolves model.attention for the default device, so an impossible choice fails here, before any compile.
+  """
+  d = dims(model)
+  platform, capability = current_platform()
+  attention = attention_implementation(model.attention, platform, dtype, d["embed_dim"] // d["num_heads"], capability)
+  return GPT(GPTConfig(vocab_size=int(info.vocab_size), **d, dropout=float(model.dropout),
+                       activation=model.activation, tied=bool(model.tied), remat=bool(model.remat), dtype=dtype,
+                       attention=attention, scan_layers=bool(model.scan_layers)))
+
+
+Implementation = Literal["xla", "cudnn"]  # What jax.nn.dot_product_attention accepts.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +125,7 @@ class GPTConfig:
   tied: bool = True
   remat: bool = False
   dtype: Any = jnp.float32  # Compute dtype; parameters stay float32, logits are returned as float32.
-  attention: str = "xla"  # xla | cudnn: the resolved implementation (see attention_implementation).
+  attention: Implementation = "xla"  # The resolved implementation (see attention_implementation).
   scan_layers: bool = False  # One nn.scan over the blocks: params under "blocks" with a leading layer axis.
 
 
@@ -68,14 +134,14 @@ _CUDNN_DTYPES = ("bfloat16", "float16")
 
 
 def attention_implementation(requested: str, platform: str, dtype: Any, head_dim: int,
-                             compute_capability: str | None = None) -> str:
-  """The `jax.nn.dot_product_attention` implementation for a request on a platform, or a UserError.
+                             compute_capability: str | None = None) -> Implementation:
+  """The `jax.nn.dot_product_attention` implementation for a request on a platform, or a ConfigError.
 
   `platform` is "cuda", "rocm", "cpu" or "tpu"; `compute_capability` ("9.0") decides cuDNN's head-dim
   limit (256 from Hopper on, else 128), as jax's own check does.
   """
   if requested not in ATTENTION_CHOICES:
-    raise UserError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {requested!r}.")
+    raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {requested!r}.")
   if requested == "xla":
     return "xla"
   dtype_name = jnp.dtype(dtype).name
@@ -92,7 +158,7 @@ def attention_implementation(requested: str, platform: str, dtype: Any, head_dim
     return "cudnn"
   if requested == "auto":
     return "xla"
-  raise UserError(f"model.attention=cudnn is impossible here: {'; '.join(problems)}; use model.attention=auto.")
+  raise ConfigError(f"model.attention=cudnn is impossible here: {'; '.join(problems)}; use model.attention=auto.")
 
 
 def current_platform() -> tuple[str, str | None]:

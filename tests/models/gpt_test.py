@@ -14,8 +14,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxcollab import config as config_lib
-from jaxcollab import main, models, sharding, train
-from jaxcollab.config import UserError
+from jaxcollab import main, models, run, sharding
+from jaxcollab.errors import ConfigError
 from jaxcollab.models import gpt as gpt_lib
 
 TINY = dict(vocab_size=64, num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, context=16)
@@ -186,7 +186,7 @@ def test_attention_implementation_choice(requested, platform, dtype, head_dim, c
     ("flash", "cuda", jnp.bfloat16, 64, "model.attention must be one of auto, xla, cudnn, got 'flash'"),
 ])
 def test_impossible_attention_is_one_sentence(requested, platform, dtype, head_dim, needle):
-  with pytest.raises(UserError, match=re.escape(needle)) as e:
+  with pytest.raises(ConfigError, match=re.escape(needle)) as e:
     gpt_lib.attention_implementation(requested, platform, dtype, head_dim, "8.0")
   assert str(e.value).endswith(".") and ". " not in str(e.value) and "\n" not in str(e.value)
 
@@ -203,7 +203,7 @@ def test_cli_refuses_cudnn_on_cpu_before_compiling(tmp_path, capsys, value, need
 def test_auto_attention_is_xla_on_cpu():
   config = config_lib.defaults()
   config.model.name, config.model.dtype = "gpt", "bfloat16"
-  info = collections.namedtuple("Info", "vocab_size")(64)
+  info = collections.namedtuple("Info", "vocab_size seq_len")(64, 16)
   assert models.build(config, info).config.attention == "xla"
 
 
@@ -309,8 +309,8 @@ def test_scanned_model_shards_on_a_mesh_like_the_unscanned_one():
   config.model.context, config.dataset.seq_len, config.train.batch_size = 16, 16, 8
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
   config.model.scan_layers = True
-  run = train.build(config)
-  qkv = run.shardings.params["blocks"]["block"]["attn"]["qkv"]["kernel"]
+  built = run.build(config)
+  qkv = built.shardings.params["blocks"]["block"]["attn"]["qkv"]["kernel"]
   assert qkv.spec == P(None, "fsdp", None, "tensor", None)
 
 
