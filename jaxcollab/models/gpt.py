@@ -19,6 +19,7 @@ flat in depth; `scan_params`/`unscan_params` map between the two parameter layou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -359,8 +360,12 @@ class GPT(nn.Module):
         x_BxLxD = _block(c)(c, name=f"block_{i}")(x_BxLxD, train, decode)
 
     x_BLxD = _layer_norm(c, "ln_f")(x_BxLxD.reshape(B * L, D))
+    # The head multiplies in the compute dtype but accumulates into float32 logits (MaxText's
+    # logits_dot_in_fp32): the softmax sees no bf16 rounding, and no bf16 copy of [B*L, V] is made.
+    f32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
     if c.tied:
-      logits_BLxV = embed.attend(x_BLxD)
+      w_VxD = embed.embedding.astype(c.dtype)
+      logits_BLxV = f32_dot(x_BLxD.astype(c.dtype), w_VxD, (((1,), (1,)), ((), ())))
     else:
       logits_BLxV = nn.Dense(
           c.vocab_size,
@@ -368,6 +373,7 @@ class GPT(nn.Module):
           dtype=c.dtype,
           param_dtype=jnp.float32,
           kernel_init=_normal(0.02, ("embed", "vocab")),
+          dot_general=f32_dot,
           name="head",
       )(x_BLxD)
     logits_BLxV = nn.with_logical_constraint(logits_BLxV, ("batch", "vocab"))

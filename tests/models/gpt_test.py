@@ -327,3 +327,17 @@ def test_scanned_kv_cache_decoding_matches_the_full_forward_pass():
     cache, start = variables["cache"], start + n
     outs.append(logits)
   np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bf16_logits_come_out_of_a_float32_accumulation(tied):
+  model = build(dtype=jnp.bfloat16, tied=tied)
+  p = nn.unbox(jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, tokens())))["params"]
+  p = jax.tree.map(lambda s: jax.random.normal(jax.random.key(1), s.shape, s.dtype) * 0.1, p)
+  logits = np.asarray(jax.jit(lambda x: model.apply({"params": p}, x))(tokens()))
+  assert logits.dtype == np.float32
+  # Rounded to bf16 first, almost no logit would survive a round trip unchanged; accumulated in f32, few do.
+  rounded = np.asarray(jnp.asarray(logits).astype(jnp.bfloat16).astype(jnp.float32))
+  assert np.mean(rounded != logits) > 0.9
+  full = np.asarray(jax.jit(lambda x: build(tied=tied).apply({"params": p}, x))(tokens()))
+  np.testing.assert_allclose(logits, full, atol=0.1 * np.abs(full).max())
