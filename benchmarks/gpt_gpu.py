@@ -12,7 +12,7 @@ step; writes the rows as JSON after each one, so a job cut short still leaves wh
 Shape: experiments/gpt_pydocs.py with --config.model.size=gpt2-124m --config.model.dtype=bfloat16
 --config.model.dropout=0.0 --config.dataset.seq_len=1024, batches 16 and 32 x 1024.
 
-  python benchmarks/gpt_gpu.py --out $OUT/gpt_gpu.json            # a GPU: about 6-8 minutes
+  python benchmarks/gpt_gpu.py --out $OUT/gpt_gpu.json            # a GPU: at most --budget (480 s) + 90 s
   python benchmarks/gpt_gpu.py --cpu                               # shrunk to a 2-layer toy on a CPU
   python benchmarks/gpt_gpu.py --depth [--cpu]                     # time to first step vs depth, scan on/off
 
@@ -212,10 +212,12 @@ def child_hf(spec: dict) -> dict:
     model.parameters(), lr=spec["lr"], betas=(0.9, spec["b2"]), weight_decay=spec["wd"], fused=cuda
   )
   bf16 = spec["bf16"]
+  # nanoGPT's pattern: compile the model; backward, clipping and the fused AdamW step stay eager.
+  forward = torch.compile(model) if spec["compile"] else model
 
   def train_step(x, y):
     with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-      logits = model(input_ids=x).logits
+      logits = forward(input_ids=x).logits
     loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -223,7 +225,7 @@ def child_hf(spec: dict) -> dict:
     opt.zero_grad(set_to_none=True)
     return loss
 
-  step = torch.compile(train_step) if spec["compile"] else train_step
+  step = train_step
   B, T = spec["batch"], spec["seq"]
   g = torch.Generator().manual_seed(0)
   batches = [
@@ -257,6 +259,7 @@ def child_hf(spec: dict) -> dict:
     "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
     "loss": float(loss),
     "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    "attn_implementation": model.config._attn_implementation,
   }
 
 
@@ -266,9 +269,18 @@ CHILDREN = {"peak": child_peak, "jax_step": child_jax_step, "hf": child_hf}
 # Parent: spawns the children one after another and assembles the table.
 
 
-def spawn(kind: str, spec: dict, env: dict | None = None, timeout: int = 420) -> dict:
+# Wall-clock time by which every child must have finished (set from --budget), so that one stuck
+# child cannot run the job past a device lease: rows that did finish are already in the JSON.
+DEADLINE = [float("inf")]
+
+
+def _timeout(default: float) -> float:
+  return max(30.0, min(default, DEADLINE[0] - time.time()))
+
+
+def spawn(kind: str, spec: dict, env: dict | None = None, timeout: float = 420) -> dict:
   """Runs one child; returns its JSON result, or {"error": ...} (a failed row never stops the others)."""
-  spec = {**spec, "t0": time.time()}
+  spec, timeout = {**spec, "t0": time.time()}, _timeout(timeout)
   env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
   try:
     out = subprocess.run(
@@ -281,15 +293,16 @@ def spawn(kind: str, spec: dict, env: dict | None = None, timeout: int = 420) ->
       check=False,
     )
   except subprocess.TimeoutExpired:
-    return {"error": f"timed out after {timeout} s"}
+    return {"error": f"timed out after {timeout:.0f} s"}
   lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
   if out.returncode or not lines:
     return {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1][:300]}
   return json.loads(lines[-1])
 
 
-def cli_run(overrides: list[str], steps: int, log_every: int, timeout: int = 420) -> dict:
+def cli_run(overrides: list[str], steps: int, log_every: int, timeout: float = 420) -> dict:
   """`jaxcollab train` as a user runs it; tokens/s is the median of the logged rows after the first."""
+  timeout = _timeout(timeout)
   with tempfile.TemporaryDirectory() as workdir:
     args = [
       sys.executable,
@@ -312,7 +325,7 @@ def cli_run(overrides: list[str], steps: int, log_every: int, timeout: int = 420
     try:
       out = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-      return {"error": f"timed out after {timeout} s"}
+      return {"error": f"timed out after {timeout:.0f} s"}
     wall = time.time() - t
     if out.returncode:
       return {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1][:300]}
@@ -325,10 +338,9 @@ def cli_run(overrides: list[str], steps: int, log_every: int, timeout: int = 420
 def install_wheels(folder: str) -> None:
   missing = [m for m in ("grain", "ml_collections", "tensorboardX", "matplotlib", "tqdm") if not _importable(m)]
   if missing:
-    names = [{"tensorboardX": "tensorboardX", "ml_collections": "ml_collections"}.get(m, m) for m in missing]
-    print(f"installing {', '.join(names)} from {folder}", flush=True)
+    print(f"installing {', '.join(missing)} from {folder}", flush=True)
     subprocess.run(
-      [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", folder, *names], check=True
+      [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", folder, *missing], check=True
     )
 
 
@@ -424,6 +436,7 @@ def speed(args: argparse.Namespace) -> None:
     else {"warmup": 10, "steps": 20, "repeats": 3}
   )
   started = time.time()
+  DEADLINE[0] = started + args.budget + 90  # A row started just before the budget may still finish.
   result = {
     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     "python": platform.python_version(),
@@ -509,17 +522,17 @@ def depth(args: argparse.Namespace) -> None:
     sizes["gpt2-xl"].append("--config.model.remat=true")
     batch = 16
   timing = {"warmup": 1, "steps": 2, "repeats": 1}
+  started = time.time()
+  DEADLINE[0] = started + args.budget + 90
   result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": args.cpu, "rows": []}
   print(f"{'model':<14} {'scan_layers':>11} {'1st step s':>10} {'compile+1st call s':>18} {'ms/step':>8}")
   for name, overrides in sizes.items():
     for scan in (False, True):
-      r = spawn(
-        "jax_step",
-        {
-          "overrides": [*overrides, f"--config.train.batch_size={batch}", f"--config.model.scan_layers={scan}"],
-          **timing,
-        },
-      )
+      overrides_ = [*overrides, f"--config.train.batch_size={batch}", f"--config.model.scan_layers={scan}"]
+      if time.time() - started > args.budget:
+        r = {"error": f"skipped: past --budget {args.budget} s"}
+      else:
+        r = spawn("jax_step", {"overrides": overrides_, **timing})
       result["rows"].append({"model": name, "scan_layers": scan, **r})
       _write(args.out.replace(".json", "_depth.json"), result)
       if "error" in r:
