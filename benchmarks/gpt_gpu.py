@@ -12,17 +12,17 @@ step; writes the rows as JSON after each one, so a job cut short still leaves wh
 Shape: experiments/gpt_pydocs.py with --config.model.size=gpt2-124m --config.model.dtype=bfloat16
 --config.model.dropout=0.0 --config.dataset.seq_len=1024, batches 16 and 32 x 1024.
 
-  python benchmarks/gpt_gpu.py --out $OUT/gpt_gpu.json            # a GPU: at most --budget (480 s) + 90 s
+  python benchmarks/gpt_gpu.py --wheels .whl --out $OUT/gpt_gpu.json   # a GPU: at most --budget (480 s) + 90 s
   python benchmarks/gpt_gpu.py --cpu                               # shrunk to a 2-layer toy on a CPU
   python benchmarks/gpt_gpu.py --depth [--cpu]                     # time to first step vs depth, scan on/off
 
-The GPU machines have jax (CUDA), flax, optax, orbax, torch and transformers but not grain,
-ml_collections or tensorboardX (nor, perhaps, matplotlib). Carry them as wheels: where there is
-internet, with the GPU machine's Python version,
-  pip download --only-binary=:all: --python-version 3.11 -d benchmarks/wheels \
-      grain ml_collections tensorboardX matplotlib
-(about 47 MB), send benchmarks/wheels along, and pass --wheels benchmarks/wheels: the script runs
-`pip install --no-index --find-links benchmarks/wheels ...` first, which installs only what is missing.
+The GPU machines have jax (CUDA), flax, optax, orbax, torch, transformers and matplotlib (Python
+3.12) but not grain, ml_collections or tensorboardX. Carry those as wheels: here, where pip works,
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+      grain array_record ml_collections tensorboardX portpicker importlib_resources
+(4.5 MB; .whl/ is gitignored), send .whl along and pass --wheels .whl: the script then runs
+`pip install --no-index --no-deps .whl/*.whl` before anything else.
 Run it from the repository root; it imports this checkout through PYTHONPATH (no pip install).
 """
 
@@ -281,7 +281,7 @@ def _timeout(default: float) -> float:
 def spawn(kind: str, spec: dict, env: dict | None = None, timeout: float = 420) -> dict:
   """Runs one child; returns its JSON result, or {"error": ...} (a failed row never stops the others)."""
   spec, timeout = {**spec, "t0": time.time()}, _timeout(timeout)
-  env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+  env = {**os.environ, "PYTHONPATH": _pythonpath(), "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
   try:
     out = subprocess.run(
       [sys.executable, __file__, "--child", kind, json.dumps(spec)],
@@ -320,7 +320,7 @@ def cli_run(overrides: list[str], steps: int, log_every: int, timeout: float = 4
       f"--config.checkpoint.every={steps}",
       f"--config.optimizer.warmup_steps={min(steps // 2, 100)}",
     ]
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAXCOLLAB_CACHE": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), "JAXCOLLAB_CACHE": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
     t = time.time()
     try:
       out = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
@@ -336,12 +336,18 @@ def cli_run(overrides: list[str], steps: int, log_every: int, timeout: float = 4
 
 
 def install_wheels(folder: str) -> None:
-  missing = [m for m in ("grain", "ml_collections", "tensorboardX", "matplotlib", "tqdm") if not _importable(m)]
-  if missing:
-    print(f"installing {', '.join(missing)} from {folder}", flush=True)
-    subprocess.run(
-      [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", folder, *missing], check=True
-    )
+  """Installs every wheel in `folder` without dependencies (the GPU image has them) if grain & co. are missing."""
+  if all(_importable(m) for m in ("grain", "ml_collections", "tensorboardX")):
+    return
+  wheels = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".whl"))
+  print(f"installing {', '.join(os.path.basename(w) for w in wheels)}", flush=True)
+  subprocess.run(
+    [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-cache-dir", *wheels], check=True
+  )
+
+
+def _pythonpath() -> str:
+  return os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
 
 
 def _importable(module: str) -> bool:
@@ -484,7 +490,7 @@ def speed(args: argparse.Namespace) -> None:
       plan.append((f"jaxcollab train (CLI), b{b}", lambda b=b: cli(b)))
   plan += [
     (f"jaxcollab step, attention=xla, b{b0}", step(b0, "--config.model.attention=xla")),
-    (f"jaxcollab step, auto, no GPU XLA flags, b{b0}", step(b0, env={"JAXCOLLAB_GPU_FLAGS": "0"})),
+    (f"jaxcollab step, auto, MaxText GPU flags, b{b0}", step(b0, env={"JAXCOLLAB_GPU_FLAGS": "1"})),
     (f"jaxcollab step, auto, scan_layers, b{b0}", step(b0, "--config.model.scan_layers=true")),
   ]
   if not args.cpu:

@@ -37,12 +37,17 @@ def test_every_flag_parses_in_this_jaxlib():
   assert out.returncode == 0 and out.stdout.strip() == "3.0", out.stderr[-500:]
 
 
-def test_opting_out_of_the_gpu_flags(monkeypatch):
+def test_gpu_flags_are_opt_in_and_only_with_cuda(monkeypatch):
   monkeypatch.setattr(runtime, "has_cuda_jax", lambda: True)
+  for setting, gpu in ((None, False), ("0", False), ("1", True)):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    if setting is None:
+      monkeypatch.delenv(runtime.GPU_FLAGS_ENV, raising=False)
+    else:
+      monkeypatch.setenv(runtime.GPU_FLAGS_ENV, setting)
+    runtime.set_xla_flags()
+    assert os.environ["XLA_FLAGS"].split() == runtime.xla_flags("", gpu).split()
+  monkeypatch.setattr(runtime, "has_cuda_jax", lambda: False)
   monkeypatch.setenv("XLA_FLAGS", "")
-  monkeypatch.setenv(runtime.GPU_FLAGS_ENV, "0")
-  runtime.set_xla_flags()
+  runtime.set_xla_flags()  # Still "1": without jax's CUDA plugin there is no GPU backend to read them.
   assert os.environ["XLA_FLAGS"].split() == list(runtime.CPU_FLAGS)
-  monkeypatch.setenv(runtime.GPU_FLAGS_ENV, "1")
-  runtime.set_xla_flags()
-  assert set(runtime.GPU_FLAGS) <= set(os.environ["XLA_FLAGS"].split())
