@@ -224,8 +224,9 @@ class CausalSelfAttention(nn.Module):
 
     if decode and self.has_variable("cache", "key"):
       # Append this step's keys/values at the cache index; queries see every filled slot up to theirs.
-      key, value = self.variable("cache", "key"), self.variable("cache", "value")
-      index = self.variable("cache", "index")
+      key: nn.Variable[jax.Array] = self.variable("cache", "key")
+      value: nn.Variable[jax.Array] = self.variable("cache", "value")
+      index: nn.Variable[jax.Array] = self.variable("cache", "index")
       i = index.value
       k_BxSxHxK = jax.lax.dynamic_update_slice(key.value, k_BxLxHxK.astype(key.value.dtype), (0, i, 0, 0))
       v_BxSxHxK = jax.lax.dynamic_update_slice(value.value, v_BxLxHxK.astype(value.value.dtype), (0, i, 0, 0))
@@ -338,7 +339,7 @@ class GPT(nn.Module):
     )
     # The position axis is never sharded (None): every shard needs all positions.
     pos_CxD = self.param("position_embed", _normal(0.02, (None, "embed")), (c.context, D), jnp.float32)
-    start = 0
+    start: int | jax.Array = 0
     if decode:
       initialized = self.has_variable("cache", "index")
       index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
