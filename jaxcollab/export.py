@@ -15,6 +15,7 @@ import safetensors.numpy
 
 from jaxcollab import bundle, reload
 from jaxcollab.errors import UserError
+from jaxcollab.models import gpt
 
 FORMATS = ("bundle", "hf")
 _PROMPT = "The "
@@ -180,8 +181,10 @@ def hf_config(loaded: bundle.Loaded) -> dict[str, Any]:
 
 def hf_weights(loaded: bundle.Loaded) -> dict[str, np.ndarray]:
   """GPT-2's state dict: Conv1D weights are [in, out] like flax kernels; q, k, v are concatenated."""
-  p = loaded.variables["params"]
   g = loaded.model.config
+  p = loaded.variables["params"]
+  if g.scan_layers:  # One stacked "blocks" subtree -> block_0 .. block_{N-1}, as GPT-2 numbers its layers.
+    p = gpt.unscan_params(p, g.num_layers)
   D = g.embed_dim
   a = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
   out = {

@@ -23,22 +23,22 @@ TEXT = {
 }
 
 
-def gpt_bundle(tmp_path, activation="gelu", tied=True):
+def gpt_bundle(tmp_path, activation="gelu", tied=True, scan_layers=False):
   config = config_lib.defaults()
   config.model.name, config.dataset.name, config.model.activation, config.model.tied = "gpt", "pydocs", activation, tied
   config.model.num_layers, config.model.num_heads, config.model.embed_dim, config.model.mlp_dim = 2, 4, 32, 48
-  config.model.context, config.dataset.seq_len = 24, 16
+  config.model.context, config.dataset.seq_len, config.model.scan_layers = 24, 16, scan_layers
   loaded = make_loaded(config, TEXT)
-  path = str(tmp_path / f"{activation}-{tied}")
+  path = str(tmp_path / f"{activation}-{tied}-{scan_layers}")
   bundle.write(path, loaded, "", {})
   return path, loaded
 
 
-@pytest.mark.parametrize("activation, tied", [("gelu", True), ("relu", False)])
-def test_transformers_gives_the_same_logits(tmp_path, activation, tied):
+@pytest.mark.parametrize("activation, tied, scan_layers", [("gelu", True, False), ("relu", False, True)])
+def test_transformers_gives_the_same_logits(tmp_path, activation, tied, scan_layers):
   torch = pytest.importorskip("torch", reason="torch is an optional extra (pip install 'jaxcollab[bench]')")
   transformers = pytest.importorskip("transformers", reason="transformers is an optional extra")
-  path, loaded = gpt_bundle(tmp_path, activation, tied)
+  path, loaded = gpt_bundle(tmp_path, activation, tied, scan_layers)
   out = export.export(path, str(tmp_path / "hf"), fmt="hf")
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
   hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
