@@ -144,7 +144,7 @@ def read(path: str, step: int | None = None) -> Loaded:
     if sha256(os.path.join(path, name)) != recorded.get(name):
       raise BundleError(f"{where}: {name} is damaged (its SHA-256 differs from {MANIFEST}); {again}.")
   with open(os.path.join(path, CONFIG)) as f:
-    config = models.resolve(config_lib.validate(config_lib.from_json(f.read())), drop_unread=True)
+    config = models.portable(models.resolve(config_lib.validate(config_lib.from_json(f.read())), drop_unread=True))
   variables = unflatten(safetensors.numpy.load_file(os.path.join(path, WEIGHTS)))
   dataset = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["dataset"].items()}
   model = build_model(config, dataset)

@@ -84,7 +84,7 @@ def read_config(ref: StepRef) -> ConfigDict:
   """The config a step was trained with."""
   config = config_lib.from_json(json.dumps(checkpoint.read_json(ref.path, ref.step, checkpoint.CONFIG)))
   # Older versions saved every model's keys; keep those this model reads.
-  return models.resolve(config_lib.validate(config), drop_unread=True)
+  return models.portable(models.resolve(config_lib.validate(config), drop_unread=True))
 
 
 def read_meta(ref: StepRef) -> dict:

@@ -47,6 +47,9 @@ GPT_SIZES: dict[str, dict[str, int]] = {
 DIMS = ("num_layers", "num_heads", "embed_dim", "mlp_dim", "context")
 
 TASK = "text"
+# Read back on any machine with these: the attention kernel changes speed, not the model, and a run
+# trained with cuDNN attention on a GPU must load on a laptop CPU.
+PORTABLE = {"attention": "auto"}
 # Config keys behind the logical axis names, named when a mesh cannot split that axis.
 AXIS_KEYS = {"heads": "model.num_heads", "mlp": "model.mlp_dim", "embed": "model.embed_dim",
              "vocab": "the vocabulary size"}
