@@ -95,6 +95,7 @@ def defaults() -> ConfigDict:
       ("conv_out", "fsdp"),
       ("classes", ""),
       ("norm", ""),
+      ("layers", ""),  # The stacked axis of model.scan_layers: every device holds all layers of its shard.
   )
   return c
 
@@ -159,7 +160,7 @@ def load_experiment(path: str, arg: str | None = None) -> ConfigDict:
     raise ConfigError(f"Experiment file {path!r} has no variants (its get_config() takes no argument); drop "
                       f"':{arg}' from --config.")
   config = get_config(arg) if arg is not None else get_config()
-  if not isinstance(config, ConfigDict):
+  if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"get_config() in {path!r} returned {type(config).__name__}; return an "
                       "ml_collections.ConfigDict.")
   check_keys(config)
@@ -171,7 +172,7 @@ def flat(config: ConfigDict, prefix: str = "") -> dict[str, Any]:
   out = {}
   for key, value in config.items():
     name = f"{prefix}{key}"
-    if isinstance(value, ConfigDict):
+    if isinstance(value, ml_collections.ConfigDict):
       out.update(flat(value, name + "."))
     else:
       out[name] = value

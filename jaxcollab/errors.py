@@ -25,3 +25,7 @@ class CorruptCheckpointError(CheckpointError):
 
 class NonFiniteLossError(UserError):
   """The loss became NaN or Inf; training stops and the finished checkpoints stay as they are."""
+
+
+class BundleError(UserError):
+  """An exported bundle is missing a file, is damaged, or does not fit its config."""

@@ -15,12 +15,14 @@ LAYERS = {
     "errors": 0,
     "config": 1, "pytree": 1, "runtime": 1, "records": 1,
     "data": 2, "models": 2, "losses": 2, "optim": 2, "sharding": 2, "checkpoint": 2, "metrics": 2,
-    "plots": 3,
+    "plots": 3, "bundle": 3,
     "run": 4,
     "reload": 5,
-    "evaluate": 6,
-    "train": 7,
-    "main": 9,
+    "evaluate": 6, "infer": 6, "export": 6, "probe": 6,
+    "train": 7, "compare": 7,
+    "seeds": 8,  # Vmaps train's step.
+    "sweep": 9,  # Runs seeds or train, names cells as compare names groups.
+    "main": 10,
 }
 # Imports inside functions, each for a reason the module states: jax must not start before the CLI
 # has checked the config and set XLA_FLAGS; the package's names load lazily.
