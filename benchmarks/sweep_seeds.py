@@ -26,8 +26,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _sweep(experiment: str, seeds: int, sequential: bool, overrides: list[str]) -> float:
   """Wall seconds of one `jaxcollab sweep` in a fresh process."""
   with tempfile.TemporaryDirectory() as workdir:
-    command = [sys.executable, "-m", "jaxcollab.main", "sweep", "--config", experiment, "--workdir", workdir,
-               "--seeds", f"0-{seeds - 1}", *(["--sequential"] if sequential else []), *overrides]
+    command = [
+      sys.executable,
+      "-m",
+      "jaxcollab.main",
+      "sweep",
+      "--config",
+      experiment,
+      "--workdir",
+      workdir,
+      "--seeds",
+      f"0-{seeds - 1}",
+      *(["--sequential"] if sequential else []),
+      *overrides,
+    ]
     env = {**os.environ, "JAXCOLLAB_CACHE": "", "PYTHONPATH": ROOT}
     start = time.perf_counter()
     subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -40,8 +52,18 @@ def _trains(experiment: str, seeds: int, overrides: list[str]) -> float:
   start = time.perf_counter()
   with tempfile.TemporaryDirectory() as root:
     for seed in range(seeds):
-      command = [sys.executable, "-m", "jaxcollab.main", "train", "--config", experiment, "--workdir",
-                 os.path.join(root, f"seed_{seed}"), f"--config.seed={seed}", *overrides]
+      command = [
+        sys.executable,
+        "-m",
+        "jaxcollab.main",
+        "train",
+        "--config",
+        experiment,
+        "--workdir",
+        os.path.join(root, f"seed_{seed}"),
+        f"--config.seed={seed}",
+        *overrides,
+      ]
       subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   return time.perf_counter() - start
 
@@ -54,20 +76,32 @@ def main() -> None:
   cases = {"mlp_digits": [f"--config.train.steps={args.steps}"] if args.steps else [], "gpt_pydocs:smoke": []}
   rows = []
   for i, (experiment, overrides) in enumerate(cases.items()):
-    sides = {"vmapped": functools.partial(_sweep, experiment, args.seeds, False, overrides),
-             "sequential": functools.partial(_sweep, experiment, args.seeds, True, overrides),
-             "trains": functools.partial(_trains, experiment, args.seeds, overrides)}
+    sides = {
+      "vmapped": functools.partial(_sweep, experiment, args.seeds, False, overrides),
+      "sequential": functools.partial(_sweep, experiment, args.seeds, True, overrides),
+      "trains": functools.partial(_trains, experiment, args.seeds, overrides),
+    }
     names = list(sides)
-    seconds = {name: sides[name]() for name in names[i % 3:] + names[:i % 3]}  # Rotate which side runs first.
-    rows.append({"experiment": experiment, "overrides": overrides, "seeds": args.seeds,
-                 **{f"{k}_s": round(v, 2) for k, v in seconds.items()},
-                 "speedup_vs_sequential": round(seconds["sequential"] / seconds["vmapped"], 2),
-                 "speedup_vs_trains": round(seconds["trains"] / seconds["vmapped"], 2)})
-  print(f"{'experiment':<18} {'S':>2} {'vmapped s':>10} {'sequential s':>13} {'S x train s':>12} "
-        f"{'vs sequential':>14} {'vs S x train':>13}")
+    seconds = {name: sides[name]() for name in names[i % 3 :] + names[: i % 3]}  # Rotate which side runs first.
+    rows.append(
+      {
+        "experiment": experiment,
+        "overrides": overrides,
+        "seeds": args.seeds,
+        **{f"{k}_s": round(v, 2) for k, v in seconds.items()},
+        "speedup_vs_sequential": round(seconds["sequential"] / seconds["vmapped"], 2),
+        "speedup_vs_trains": round(seconds["trains"] / seconds["vmapped"], 2),
+      }
+    )
+  print(
+    f"{'experiment':<18} {'S':>2} {'vmapped s':>10} {'sequential s':>13} {'S x train s':>12} "
+    f"{'vs sequential':>14} {'vs S x train':>13}"
+  )
   for r in rows:
-    print(f"{r['experiment']:<18} {r['seeds']:>2} {r['vmapped_s']:>10.1f} {r['sequential_s']:>13.1f} "
-          f"{r['trains_s']:>12.1f} {r['speedup_vs_sequential']:>13.2f}x {r['speedup_vs_trains']:>12.2f}x")
+    print(
+      f"{r['experiment']:<18} {r['seeds']:>2} {r['vmapped_s']:>10.1f} {r['sequential_s']:>13.1f} "
+      f"{r['trains_s']:>12.1f} {r['speedup_vs_sequential']:>13.2f}x {r['speedup_vs_trains']:>12.2f}x"
+    )
   os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
   path = os.path.join(ROOT, "benchmarks", "results", "sweep_seeds.json")
   with open(path, "w") as f:

@@ -44,10 +44,10 @@ def get_sweep(arg: str | None = None) -> dict:
   if arg == "smoke":
     return {"grid": {"model.activation": ["relu", "tanh"], "loss.name": ["cross_entropy", "mse"]}, "seeds": [0, 1]}
   return {
-      "grid": {
-          "model.name": ["mlp", "cnn"],
-          "model.activation": ["relu", "gelu", "tanh", "sigmoid", "silu"],
-          "loss.name": ["cross_entropy", "mse"],
-      },
-      "seeds": [0, 1, 2, 3, 4],
+    "grid": {
+      "model.name": ["mlp", "cnn"],
+      "model.activation": ["relu", "gelu", "tanh", "sigmoid", "silu"],
+      "loss.name": ["cross_entropy", "mse"],
+    },
+    "seeds": [0, 1, 2, 3, 4],
   }

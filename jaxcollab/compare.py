@@ -101,8 +101,10 @@ def find_workdirs(paths: list[str]) -> list[str]:
       if "config.json" in files and records.METRICS_FILE in files:
         found.append(os.path.normpath(root))
   if not found:
-    raise UserError(f"No runs under {', '.join(paths)} (no directory with config.json and metrics.jsonl); "
-                    "pass workdirs that `jaxcollab train` or `jaxcollab sweep` wrote.")
+    raise UserError(
+      f"No runs under {', '.join(paths)} (no directory with config.json and metrics.jsonl); "
+      "pass workdirs that `jaxcollab train` or `jaxcollab sweep` wrote."
+    )
   return sorted(dict.fromkeys(found))
 
 
@@ -147,8 +149,7 @@ def read_run(workdir: str, with_params: bool = True) -> RunRecord:
   rows = records.read_metrics(workdir)
   finals = [r for r in rows if r.get("split") in FINAL_SPLITS] or [r for r in rows if r.get("split") == "eval"]
   final = {k: v for k, v in finals[-1].items() if k not in ("step", "split")} if finals else {}
-  return RunRecord(workdir, config, rows, final, _wall_seconds(workdir),
-                   _param_count(workdir) if with_params else None)
+  return RunRecord(workdir, config, rows, final, _wall_seconds(workdir), _param_count(workdir) if with_params else None)
 
 
 # ---- Grouping and statistics -------------------------------------------------------------------
@@ -175,8 +176,7 @@ def group_runs(runs: list[RunRecord], key_order: list[str] | None = None) -> lis
   keys = sorted({k for r in runs for k in r.config}, key=lambda k: (order.index(k) if k in order else len(order), k))
   # A key that only some runs have (another model's field) but with one value says nothing the
   # model name does not: it differs only where its value does.
-  differing = [k for k in keys
-               if k not in IGNORED_KEYS and len({repr(r.config[k]) for r in runs if k in r.config}) > 1]
+  differing = [k for k in keys if k not in IGNORED_KEYS and len({repr(r.config[k]) for r in runs if k in r.config}) > 1]
   groups: dict[str, Group] = {}
   for r in runs:
     values = {k: r.config.get(k) for k in differing}
@@ -221,13 +221,19 @@ class Comparison:
   groups: list[Group]
 
 
-def compare_runs(runs: list[RunRecord], metric: str | None = None, mode: str | None = None,
-                 baseline: str | None = None, key_order: list[str] | None = None) -> Comparison:
+def compare_runs(
+  runs: list[RunRecord],
+  metric: str | None = None,
+  mode: str | None = None,
+  baseline: str | None = None,
+  key_order: list[str] | None = None,
+) -> Comparison:
   """Groups `runs`, summarises every final metric per group and tests each group against the baseline."""
   kinds = sorted({r.kind for r in runs})
   if len(kinds) > 1:
-    raise UserError("These runs are of different tasks (image classifiers and language models); compare each "
-                    "task's runs separately.")
+    raise UserError(
+      "These runs are of different tasks (image classifiers and language models); compare each task's runs separately."
+    )
   default_metric, _ = DEFAULT_METRIC.get(kinds[0], ("loss", "min"))
   metric = metric or default_metric
   available = sorted({k for r in runs for k, v in r.final.items() if isinstance(v, (int, float))})
@@ -245,9 +251,16 @@ def compare_runs(runs: list[RunRecord], metric: str | None = None, mode: str | N
   for g in groups:
     row: dict[str, Any] = {"group": g.name, **{k: v for k, v in g.values.items()}}
     s = summary(g.finals(metric))
-    row.update({"n": s["n"], f"{metric}_mean": s["mean"], f"{metric}_std": s["std"],
-                f"{metric}_ci_low": s["ci_low"], f"{metric}_ci_high": s["ci_high"],
-                "p_vs_baseline": math.nan if g.name == baseline else welch_p(g.finals(metric), base)})
+    row.update(
+      {
+        "n": s["n"],
+        f"{metric}_mean": s["mean"],
+        f"{metric}_std": s["std"],
+        f"{metric}_ci_low": s["ci_low"],
+        f"{metric}_ci_high": s["ci_high"],
+        "p_vs_baseline": math.nan if g.name == baseline else welch_p(g.finals(metric), base),
+      }
+    )
     for other in available:
       if other != metric:
         row[f"{other}_mean"] = summary(g.finals(other))["mean"]
@@ -284,17 +297,23 @@ def markdown(c: Comparison) -> str:
   """The comparison as a Markdown table (also what compare prints)."""
   m = c.metric
   others = [k.removesuffix("_mean") for k in c.rows[0] if k.endswith("_mean") and not k.startswith(m + "_")]
-  head = ["group", "n", f"{m} mean ± std", "95% CI", f"p vs {c.baseline}"] + others + ["best step", "wall s",
-                                                                                          "params"]
+  head = ["group", "n", f"{m} mean ± std", "95% CI", f"p vs {c.baseline}"] + others + ["best step", "wall s", "params"]
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
   for r in c.rows:
-    cells = [r["group"], str(r["n"]), f"{_fmt(r[m + '_mean'])} ± {_fmt(r[m + '_std'])}",
-             f"[{_fmt(r[m + '_ci_low'])}, {_fmt(r[m + '_ci_high'])}]", _p_text(r["p_vs_baseline"])]
+    cells = [
+      r["group"],
+      str(r["n"]),
+      f"{_fmt(r[m + '_mean'])} ± {_fmt(r[m + '_std'])}",
+      f"[{_fmt(r[m + '_ci_low'])}, {_fmt(r[m + '_ci_high'])}]",
+      _p_text(r["p_vs_baseline"]),
+    ]
     cells += [_fmt(r[o + "_mean"]) for o in others]
     cells += [_fmt(r["best_step"]), _fmt(r["wall_s"], 1), _fmt(r["params"])]
     lines.append("| " + " | ".join(cells) + " |")
-  note = (f"\nSorted by final {m} ({c.mode} is best); p: Welch's t-test against {c.baseline} "
-          "(two-sided, * p < 0.05); CI: Student's t over seeds.\n")
+  note = (
+    f"\nSorted by final {m} ({c.mode} is best); p: Welch's t-test against {c.baseline} "
+    "(two-sided, * p < 0.05); CI: Student's t over seeds.\n"
+  )
   return "\n".join(lines) + "\n" + note
 
 
@@ -318,9 +337,20 @@ def write(c: Comparison, out: str) -> dict[str, str]:
   writer.writerows([{k: _json_value(v) for k, v in r.items()} for r in c.rows])
   with open(paths["csv"], "w") as f:
     f.write(buf.getvalue())
-  doc = {"metric": c.metric, "mode": c.mode, "baseline": c.baseline, "keys": c.keys,
-         "groups": [{**{k: _json_value(v) for k, v in r.items()}, "workdirs": [x.workdir for x in g.runs],
-                     "finals": [x.final.get(c.metric) for x in g.runs]} for r, g in zip(c.rows, c.groups)]}
+  doc = {
+    "metric": c.metric,
+    "mode": c.mode,
+    "baseline": c.baseline,
+    "keys": c.keys,
+    "groups": [
+      {
+        **{k: _json_value(v) for k, v in r.items()},
+        "workdirs": [x.workdir for x in g.runs],
+        "finals": [x.final.get(c.metric) for x in g.runs],
+      }
+      for r, g in zip(c.rows, c.groups)
+    ],
+  }
   with open(paths["json"], "w") as f:
     json.dump(doc, f, indent=2)
   paths["curves"] = os.path.join(out, "curves.png")
@@ -408,8 +438,13 @@ def activation_rows(c: Comparison) -> list[dict[str, Any]]:
     per_run = [probe.probe_run(r.workdir)["layers"] for r in g.runs]
     for layer in per_run[0]:
       values = {s: [run[layer][s] for run in per_run if layer in run] for s in probe.STATS}
-      rows.append({"group": g.name, "layer": layer,
-                   **{s: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for s, v in values.items()}})
+      rows.append(
+        {
+          "group": g.name,
+          "layer": layer,
+          **{s: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for s, v in values.items()},
+        }
+      )
   return rows
 
 
@@ -418,9 +453,11 @@ def activations_markdown(rows: list[dict[str, Any]]) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
   for r in rows:
     lines.append("| " + " | ".join([r["group"], r["layer"]] + [_fmt(r[s]) for s in probe.STATS]) + " |")
-  return "\n".join(lines) + (f"\n\nMeans over seeds on the first {probe.PROBE_SIZE} eval examples; zero_frac: "
-                             "exact zeros (dead ReLUs); saturated_frac: |tanh| > 0.99, sigmoid < 0.01 or > 0.99; "
-                             "grad_norm: of the probe loss w.r.t. that layer's parameters.\n")
+  return "\n".join(lines) + (
+    f"\n\nMeans over seeds on the first {probe.PROBE_SIZE} eval examples; zero_frac: "
+    "exact zeros (dead ReLUs); saturated_frac: |tanh| > 0.99, sigmoid < 0.01 or > 0.99; "
+    "grad_norm: of the probe loss w.r.t. that layer's parameters.\n"
+  )
 
 
 def plot_activations(rows: list[dict[str, Any]], path: str) -> None:
@@ -432,8 +469,9 @@ def plot_activations(rows: list[dict[str, Any]], path: str) -> None:
   for ax, stat in zip(axes, probe.STATS):
     for g, color in zip(groups, _colors(len(groups))):
       points = {r["layer"]: r[stat] for r in rows if r["group"] == g}
-      ax.plot(range(len(layers)), [points.get(layer, math.nan) for layer in layers], "o-", color=color, label=g,
-              ms=3, lw=1)
+      ax.plot(
+        range(len(layers)), [points.get(layer, math.nan) for layer in layers], "o-", color=color, label=g, ms=3, lw=1
+      )
     ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize="x-small")
     ax.set_title(stat)
     ax.grid(alpha=0.3)
@@ -443,8 +481,14 @@ def plot_activations(rows: list[dict[str, Any]], path: str) -> None:
   plots.save(fig, path)
 
 
-def compare(paths: list[str], metric: str | None = None, mode: str | None = None, baseline: str | None = None,
-            out: str | None = None, activations: bool = False) -> tuple[Comparison, dict[str, str]]:
+def compare(
+  paths: list[str],
+  metric: str | None = None,
+  mode: str | None = None,
+  baseline: str | None = None,
+  out: str | None = None,
+  activations: bool = False,
+) -> tuple[Comparison, dict[str, str]]:
   """`jaxcollab compare`: reads the runs under `paths`, writes the comparison into `out`."""
   if mode not in (None, "max", "min"):
     raise UserError(f"--mode must be max or min, got {mode!r}.")

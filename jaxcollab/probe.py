@@ -32,14 +32,14 @@ PROBE_SIZE = 256  # Examples (text: windows) in the probe batch.
 
 # Per model: which captured layer outputs go into the activation function (path of module names).
 ACTIVATED: dict[str, Callable[[tuple[str, ...]], bool]] = {
-    "mlp": lambda path: path == ("hidden",),
-    "cnn": lambda path: len(path) == 1 and (path[0].startswith("conv_") or path[0] == "dense"),
-    "gpt": lambda path: path[-2:] == ("mlp", "fc"),
+  "mlp": lambda path: path == ("hidden",),
+  "cnn": lambda path: len(path) == 1 and (path[0].startswith("conv_") or path[0] == "dense"),
+  "gpt": lambda path: path[-2:] == ("mlp", "fc"),
 }
 # Where an activation is flat: |tanh| > 0.99, sigmoid < 0.01 or > 0.99. Others do not saturate on both sides.
 SATURATED: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "tanh": lambda y: jnp.abs(y) > 0.99,
-    "sigmoid": lambda y: (y < 0.01) | (y > 0.99),
+  "tanh": lambda y: jnp.abs(y) > 0.99,
+  "sigmoid": lambda y: (y < 0.01) | (y > 0.99),
 }
 STATS = ("mean", "std", "zero_frac", "saturated_frac", "grad_norm")
 
@@ -69,8 +69,7 @@ def _captured(model, variables: PyTree, x: jax.Array) -> tuple[jax.Array, dict[t
   return logits, {path[:-1]: outs[0] for path, outs in flat.items() if path[-1] == "__call__" and len(path) > 1}
 
 
-def layer_outputs(model, variables: PyTree, x: jax.Array, model_name: str,
-                  activation: str) -> dict[str, jax.Array]:
+def layer_outputs(model, variables: PyTree, x: jax.Array, model_name: str, activation: str) -> dict[str, jax.Array]:
   """'layer path' -> post-activation output of each activated layer, plus 'logits', on the probe inputs."""
   if model_name not in ACTIVATED:
     raise UserError(f"Activation probes know models {', '.join(ACTIVATED)}, not {model_name!r}.")
@@ -160,8 +159,10 @@ def cka_runs(workdir_a: str, workdir_b: str, n: int = PROBE_SIZE) -> tuple[np.nd
     model, variables, config = reload.load(w)
     reps.append((config, model, variables))
   if reps[0][0].dataset.name != reps[1][0].dataset.name:
-    raise UserError(f"The runs trained on different datasets ({reps[0][0].dataset.name} and "
-                    f"{reps[1][0].dataset.name}); CKA compares representations of the same probe examples.")
+    raise UserError(
+      f"The runs trained on different datasets ({reps[0][0].dataset.name} and "
+      f"{reps[1][0].dataset.name}); CKA compares representations of the same probe examples."
+    )
   batch = probe_batch(data.get_dataset(reps[0][0]), n)
   x = run_lib.model_input(batch)
   layers = [layer_outputs(m, v, x, c.model.name, c.model.activation) for c, m, v in reps]
@@ -182,8 +183,15 @@ def plot_cka(matrix: np.ndarray, names_a: list[str], names_b: list[str], path: s
   ax.set_yticks(range(len(names_a)), names_a, fontsize="small")
   for i in range(len(names_a)):
     for j in range(len(names_b)):
-      ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
-              color="black" if matrix[i, j] > 0.5 else "white")
+      ax.text(
+        j,
+        i,
+        f"{matrix[i, j]:.2f}",
+        ha="center",
+        va="center",
+        fontsize=8,
+        color="black" if matrix[i, j] > 0.5 else "white",
+      )
   ax.set_xlabel("B")
   ax.set_ylabel("A")
   ax.set_title(title or "linear CKA")

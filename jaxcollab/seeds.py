@@ -87,14 +87,16 @@ class Stacked:
       with sharding.activation_context(run.mesh, run.rules):
         return jax.vmap(train.train_step)(state, batch)
 
-    self.train_step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
-                              out_shardings=(self.shardings, None), donate_argnums=0)
-    self._unstack = None
+    self.train_step = jax.jit(
+      step, in_shardings=(self.shardings, self.batch_sharding), out_shardings=(self.shardings, None), donate_argnums=0
+    )
+    self._unstack: Callable[[TrainState], list[TrainState]] | None = None
     self.evaluator = evaluate.Evaluator(run)
-    self.eval_step = jax.jit(jax.vmap(self.evaluator.eval_step, in_axes=(0, 0, None)),
-                             in_shardings=(self.shardings.params, self.shardings.batch_stats,
-                                           self.evaluator.batch_sharding),
-                             out_shardings=NamedSharding(run.mesh, P()))
+    self.eval_step = jax.jit(
+      jax.vmap(self.evaluator.eval_step, in_axes=(0, 0, None)),
+      in_shardings=(self.shardings.params, self.shardings.batch_stats, self.evaluator.batch_sharding),
+      out_shardings=NamedSharding(run.mesh, P()),
+    )
 
   def init_state(self) -> TrainState:
     """Every seed's initial state (the same numbers as its own `run.init_state()`), in one compiled program."""
@@ -107,8 +109,11 @@ class Stacked:
   def unstack(self, state: TrainState) -> list[TrainState]:
     """Each seed's state, sliced in one compiled program (eager slicing would compile one per leaf shape)."""
     if self._unstack is None:
-      self._unstack = jax.jit(lambda s: [_unstack(s, i) for i in range(len(self.runs))],
-                              out_shardings=[self.runs[0].shardings] * len(self.runs))
+      self._unstack = jax.jit(
+        lambda s: [_unstack(s, i) for i in range(len(self.runs))],
+        out_shardings=[self.runs[0].shardings] * len(self.runs),
+      )
+    assert self._unstack is not None
     return self._unstack(state)
 
   def batch(self, local: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
@@ -137,12 +142,13 @@ class _Seed:
   config: ConfigDict
   train_iter: Any
   ckpt: checkpoint.Checkpointer
-  writer: metrics.MetricWriter | None = None
-  logger: train.StepLogger | None = None
+  writer: metrics.MetricWriter = None  # type: ignore[assignment]  # Set when the loop starts.
+  logger: train.StepLogger = None  # type: ignore[assignment]
 
 
-def train_seeds(configs: list[ConfigDict], workdirs: list[str],
-                on_step: Callable[[int], None] | None = None) -> list[dict[str, float]] | None:
+def train_seeds(
+  configs: list[ConfigDict], workdirs: list[str], on_step: Callable[[int], None] | None = None
+) -> list[dict[str, float]] | None:
   """Trains configs that differ only in `seed` together, seed i into workdirs[i]; final eval per seed.
 
   Resumes when every workdir holds a checkpoint of the same step. Returns None when the seeds cannot
@@ -156,13 +162,13 @@ def train_seeds(configs: list[ConfigDict], workdirs: list[str],
   config, info = run.config, run.dataset.info
   seeds = []
   try:
-    for c, r, w in zip(configs, stacked.runs, workdirs):
+    for r, w in zip(stacked.runs, workdirs):
       os.makedirs(w, exist_ok=True)
       it = r.dataset.train_iterator(batch_size=config.train.batch_size, seed=r.config.seed)
-      seeds.append(_Seed(w, r.config, it, checkpoint.Checkpointer(w, r.config, dataclasses.asdict(info),
-                                                                  dict(r.mesh.shape))))
-    restored = [s.ckpt.restore_latest(r.abstract_state, r.shardings, s.train_iter)
-                for s, r in zip(seeds, stacked.runs)]
+      seeds.append(
+        _Seed(w, r.config, it, checkpoint.Checkpointer(w, r.config, dataclasses.asdict(info), dict(r.mesh.shape)))
+      )
+    restored = [s.ckpt.restore_latest(r.abstract_state, r.shardings, s.train_iter) for s, r in zip(seeds, stacked.runs)]
     if any(x is not None for x in restored):
       steps = {None if x is None else int(jax.device_get(x.step)) for x in restored}
       if len(steps) != 1:
@@ -170,7 +176,7 @@ def train_seeds(configs: list[ConfigDict], workdirs: list[str],
           s.ckpt.close()
         seeds = []
         return None
-      state = stacked.stack(restored)
+      state = stacked.stack([x for x in restored if x is not None])
     else:
       state = stacked.init_state()
     return _loop(stacked, seeds, state, on_step)
@@ -181,8 +187,9 @@ def train_seeds(configs: list[ConfigDict], workdirs: list[str],
         s.writer.close()
 
 
-def _loop(stacked: Stacked, seeds: list[_Seed], state: TrainState,
-          on_step: Callable[[int], None] | None) -> list[dict[str, float]]:
+def _loop(
+  stacked: Stacked, seeds: list[_Seed], state: TrainState, on_step: Callable[[int], None] | None
+) -> list[dict[str, float]]:
   run = stacked.runs[0]
   config, info = run.config, run.dataset.info
   start = int(jax.device_get(state.step[0]))

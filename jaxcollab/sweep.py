@@ -78,8 +78,10 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
       raise UserError(f"Grid key {key!r} is given twice; list all its values in one --grid {key}=V1,V2.")
     values = split_values(text)
     if not text.strip() or any(not v for v in values):
-      raise UserError(f"Grid key {key!r} has an empty value in {text!r}; list the values as V1,V2,... "
-                      "with nothing empty between the commas.")
+      raise UserError(
+        f"Grid key {key!r} has an empty value in {text!r}; list the values as V1,V2,... "
+        "with nothing empty between the commas."
+      )
     if len(set(values)) != len(values):
       raise UserError(f"Grid key {key!r} lists a value twice in {text!r}; list each value once.")
     grid[key] = values
@@ -131,7 +133,7 @@ def _resolve(config: ConfigDict, overrides: list[str]) -> ConfigDict:
   return run_lib.resolve(config, config_lib.override_keys(overrides))
 
 
-def expand(config: ConfigDict, grid: dict[str, list[str]], overrides: list[str] = ()) -> list[Cell]:
+def expand(config: ConfigDict, grid: dict[str, list[str]], overrides: tuple[str, ...] | list[str] = ()) -> list[Cell]:
   """The cartesian product of the grid on top of `config` (+ `overrides`), each cell's config resolved."""
   cells = []
   for combo in itertools.product(*grid.values()):
@@ -146,13 +148,18 @@ def expand(config: ConfigDict, grid: dict[str, list[str]], overrides: list[str] 
     cells.append(Cell(name, values, cell_config))
   names = [c.name for c in cells]
   if len(set(names)) != len(names):
-    raise UserError("Two grid cells get the same directory name; make the grid values differ in more than "
-                    "punctuation.")
+    raise UserError("Two grid cells get the same directory name; make the grid values differ in more than punctuation.")
   return cells
 
 
-def plan(experiment: str, directory: str, grid_items: list[str], seeds: str | None, overrides: list[str],
-         sequential: bool = False) -> Plan:
+def plan(
+  experiment: str,
+  directory: str,
+  grid_items: list[str],
+  seeds: str | None,
+  overrides: list[str],
+  sequential: bool = False,
+) -> Plan:
   """Loads the experiment (and its get_sweep()), merges --grid and --seeds, and checks every cell."""
   module, path, arg = config_lib.import_experiment(experiment)
   config = config_lib.load_experiment(path, arg)
@@ -187,8 +194,10 @@ def _check_same_config(workdir: str, config: ConfigDict) -> None:
   saved, now = (config_lib.flat(run_lib.resolve(c, drop_unread=True)) for c in (saved, config))
   changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
   if changed:
-    raise UserError(f"{workdir} was trained with a different config ({changed[0]} was {saved.get(changed[0])!r}, "
-                    f"now {now.get(changed[0])!r}); use a new sweep directory or delete that run.")
+    raise UserError(
+      f"{workdir} was trained with a different config ({changed[0]} was {saved.get(changed[0])!r}, "
+      f"now {now.get(changed[0])!r}); use a new sweep directory or delete that run."
+    )
 
 
 def finished(workdir: str) -> bool:
@@ -198,11 +207,18 @@ def finished(workdir: str) -> bool:
 
 
 def _write_record(p: Plan, status: dict[str, dict]) -> None:
-  record = {"experiment": p.experiment, "grid": p.grid, "seeds": p.seeds, "overrides": p.overrides,
-            "command": " ".join(["jaxcollab", *sys.argv[1:]]) if sys.argv else "",
-            "cells": [{"name": c.name, "values": {k: compare._json_value(v) for k, v in c.values.items()}}  # pylint: disable=protected-access
-                      for c in p.cells],
-            "runs": status}
+  record = {
+    "experiment": p.experiment,
+    "grid": p.grid,
+    "seeds": p.seeds,
+    "overrides": p.overrides,
+    "command": " ".join(["jaxcollab", *sys.argv[1:]]) if sys.argv else "",
+    "cells": [
+      {"name": c.name, "values": {k: compare._json_value(v) for k, v in c.values.items()}}  # pylint: disable=protected-access
+      for c in p.cells
+    ],
+    "runs": status,
+  }
   os.makedirs(p.directory, exist_ok=True)
   records.write_atomic(os.path.join(p.directory, SWEEP_FILE), json.dumps(record, indent=2) + "\n")  # pylint: disable=protected-access
 
@@ -241,13 +257,23 @@ def run(p: Plan) -> int:
   _write_record(p, status)
   done_before = sum(s["status"] == "done" for s in status.values())
   out = sys.stderr
-  print(f"Sweep {p.directory}: {len(p.cells)} cells x {len(p.seeds)} seeds = {p.total} runs; "
-        f"{done_before} finished before, {p.total - done_before} to run.", file=out, flush=True)
+  print(
+    f"Sweep {p.directory}: {len(p.cells)} cells x {len(p.seeds)} seeds = {p.total} runs; "
+    f"{done_before} finished before, {p.total - done_before} to run.",
+    file=out,
+    flush=True,
+  )
   notice = None if p.sequential else seeds_lib.why_not_vmapped(p.cells[0].config)
   if notice:
     print(f"Seeds train one at a time: {notice}.", file=out, flush=True)
-  bar = tqdm.tqdm(total=p.total, initial=done_before, unit="run", file=out, dynamic_ncols=True,
-                  mininterval=0 if not out.isatty() else 0.1)
+  bar = tqdm.tqdm(
+    total=p.total,
+    initial=done_before,
+    unit="run",
+    file=out,
+    dynamic_ncols=True,
+    mininterval=0 if not out.isatty() else 0.1,
+  )
   failed = 0
   try:
     for cell, pending in todo:
@@ -269,8 +295,12 @@ def run(p: Plan) -> int:
     return 1
   bar.close()
   ok = p.total - failed
-  print(f"Sweep done: {ok}/{p.total} runs succeeded{f', {failed} failed' if failed else ''}; compare them with "
-        f"`jaxcollab compare {p.directory}`.", file=out, flush=True)
+  print(
+    f"Sweep done: {ok}/{p.total} runs succeeded{f', {failed} failed' if failed else ''}; compare them with "
+    f"`jaxcollab compare {p.directory}`.",
+    file=out,
+    flush=True,
+  )
   return 1 if failed else 0
 
 
@@ -298,7 +328,7 @@ def _run_cell(p: Plan, cell: Cell, pending: list[int], bar: tqdm.tqdm) -> dict[i
     if results is not None:
       bar.update(len(pending))
       return {s: None for s in pending}
-  outcome = {}
+  outcome: dict[int, str | None] = {}
   for seed, config, workdir in zip(pending, configs, workdirs):
     try:
       with _logged_to(workdir):
@@ -320,7 +350,13 @@ def _sentence(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 
 
-def sweep(experiment: str, directory: str, grid_items: list[str], seeds: str | None = None,
-          overrides: list[str] | None = None, sequential: bool = False) -> int:
+def sweep(
+  experiment: str,
+  directory: str,
+  grid_items: list[str],
+  seeds: str | None = None,
+  overrides: list[str] | None = None,
+  sequential: bool = False,
+) -> int:
   """`jaxcollab sweep`: plans (every check before training) and runs; returns the exit code."""
   return run(plan(experiment, directory, grid_items, seeds, overrides or [], sequential))

@@ -18,15 +18,25 @@ FINALS = {"relu": [0.95, 0.97, 0.96, 0.98], "tanh": [0.90, 0.93, 0.91], "gelu": 
 
 def _write_run(workdir, activation, seed, final, dataset="digits", model="mlp", loss="cross_entropy"):
   os.makedirs(workdir)
-  config = config_lib.apply_overrides(config_lib.load_experiment("mlp_digits", "smoke"), [
-      f"model.activation={activation}", f"seed={seed}", f"dataset.name={dataset}", f"model.name={model}",
-      f"loss.name={loss}"])
+  config = config_lib.apply_overrides(
+    config_lib.load_experiment("mlp_digits", "smoke"),
+    [
+      f"model.activation={activation}",
+      f"seed={seed}",
+      f"dataset.name={dataset}",
+      f"model.name={model}",
+      f"loss.name={loss}",
+    ],
+  )
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config_lib.to_json(config))
-  rows = [{"step": 10, "split": "train", "loss": 1.0 + seed}, {"step": 10, "split": "eval", "loss": 0.5,
-                                                               "accuracy": final - 0.1},
-          {"step": 20, "split": "train", "loss": 0.5}, {"step": 20, "split": "eval", "loss": 0.2, "accuracy": final},
-          {"step": 20, "split": "test", "loss": 0.2, "accuracy": final}]
+  rows = [
+    {"step": 10, "split": "train", "loss": 1.0 + seed},
+    {"step": 10, "split": "eval", "loss": 0.5, "accuracy": final - 0.1},
+    {"step": 20, "split": "train", "loss": 0.5},
+    {"step": 20, "split": "eval", "loss": 0.2, "accuracy": final},
+    {"step": 20, "split": "test", "loss": 0.2, "accuracy": final},
+  ]
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     f.write("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -86,12 +96,15 @@ def test_groups_only_by_keys_that_differ(tmp_path):
   assert group.name == "all" and len(group.runs) == 2
 
 
-@pytest.mark.parametrize("setup, args, needle", [
+@pytest.mark.parametrize(
+  "setup, args, needle",
+  [
     ("empty", [], "No runs under"),
     ("study", ["--baseline", "activation=swish"], "--baseline 'activation=swish' names no group; choose one of"),
     ("study", ["--metric", "bleu"], "No run has a final 'bleu'"),
     ("mixed", [], "different tasks"),
-])
+  ],
+)
 def test_bad_inputs_exit_2(tmp_path, capsys, setup, args, needle):
   root = tmp_path / "runs"
   root.mkdir()

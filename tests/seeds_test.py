@@ -40,10 +40,13 @@ def _assert_params_close(a, b):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=PARAM_ATOL)
 
 
-@pytest.mark.parametrize("name, overrides", [
+@pytest.mark.parametrize(
+  "name, overrides",
+  [
     ("mlp_digits", ["dataset.augment=true"]),  # Per-seed augmentation keys.
     ("gpt_pydocs", ["model.dropout=0.1", "model.num_layers=1"]),  # Per-seed dropout keys.
-])
+  ],
+)
 def test_vmapped_seeds_equal_separate_runs(tmp_path, name, overrides):
   configs = _configs(name, *overrides)
   vmapped = [str(tmp_path / f"v{i}") for i in range(2)]

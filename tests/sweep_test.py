@@ -17,16 +17,18 @@ def test_values_split_at_top_level_commas_only():
   assert sweep.split_values("'a,b',c") == ["'a,b'", "c"]
 
 
-@pytest.mark.parametrize("text, seeds", [("0-4", [0, 1, 2, 3, 4]), ("3", [3]), ("0,2,7", [0, 2, 7]),
-                                         ("0-2,9", [0, 1, 2, 9])])
+@pytest.mark.parametrize(
+  "text, seeds", [("0-4", [0, 1, 2, 3, 4]), ("3", [3]), ("0,2,7", [0, 2, 7]), ("0-2,9", [0, 1, 2, 9])]
+)
 def test_seeds_parse(text, seeds):
   assert sweep.parse_seeds(text) == seeds
 
 
 def test_grid_is_the_cartesian_product_with_readable_names():
   config = config_lib.load_experiment("ablate_digits", "smoke")
-  grid = sweep.parse_grid(["model.activation=relu,tanh,sigmoid", "loss.name=cross_entropy,mse",
-                           "model.features=(8,16),(4,)"])
+  grid = sweep.parse_grid(
+    ["model.activation=relu,tanh,sigmoid", "loss.name=cross_entropy,mse", "model.features=(8,16),(4,)"]
+  )
   cells = sweep.expand(config, grid, ["model.name=cnn"])
   assert len(cells) == 3 * 2 * 2
   names = [c.name for c in cells]
@@ -50,7 +52,9 @@ def test_declared_grid_and_seeds_come_from_get_sweep(tmp_path):
   assert p.seeds == [4, 5]
 
 
-@pytest.mark.parametrize("args, needle", [
+@pytest.mark.parametrize(
+  "args, needle",
+  [
     (["--grid", "optimizer.learnin_rate=0.1"], "did you mean 'optimizer.learning_rate'"),
     (["--grid", "model.activaton=relu"], "does not read model.activaton; its keys are model.name, model.activation"),
     (["--grid", "train.steps=10,abc"], "'train.steps' must be int"),
@@ -62,7 +66,8 @@ def test_declared_grid_and_seeds_come_from_get_sweep(tmp_path):
     (["--seeds", "0-"], "--seeds '0-' does not parse"),
     (["--seeds", "4-1"], "does not parse"),
     (["--seeds", "1,1"], "names a seed twice"),
-])
+  ],
+)
 def test_bad_inputs_exit_2_before_training(tmp_path, capsys, args, needle):
   code = main.main(["sweep", "--config", "ablate_digits:smoke", "--workdir", str(tmp_path / "s"), *args])
   err = capsys.readouterr().err
@@ -122,8 +127,9 @@ def test_killed_sweep_restarts_only_what_is_missing(tmp_path, monkeypatch):
 def test_failing_run_is_reported_and_the_sweep_goes_on(tmp_path, capsys):
   # A learning rate this large makes the loss NaN: that cell fails, the other still trains.
   # Its two seeds diverge together in the vmapped program, then again one at a time.
-  code = sweep.sweep("mlp_digits:smoke", str(tmp_path), ["optimizer.learning_rate=1e30,0.001",
-                                                              "model.activation=relu"], "0-1", [])
+  code = sweep.sweep(
+    "mlp_digits:smoke", str(tmp_path), ["optimizer.learning_rate=1e30,0.001", "model.activation=relu"], "0-1", []
+  )
   err = capsys.readouterr().err
   assert code == 1
   for s in (0, 1):
