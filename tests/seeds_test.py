@@ -44,7 +44,7 @@ def _assert_params_close(a, b):
   "name, overrides",
   [
     ("mlp_digits", ["dataset.augment=true"]),  # Per-seed augmentation keys.
-    ("gpt_pydocs", ["model.dropout=0.1", "model.num_layers=1"]),  # Per-seed dropout keys.
+    pytest.param("gpt_pydocs", ["model.dropout=0.1", "model.num_layers=1"], marks=pytest.mark.slow),  # Dropout keys.
   ],
 )
 def test_vmapped_seeds_equal_separate_runs(tmp_path, name, overrides):
@@ -73,6 +73,7 @@ def test_init_equals_each_runs_own_init():
     np.testing.assert_array_equal(np.asarray(alone.rng), np.asarray(state.rng)[i])
 
 
+@pytest.mark.slow
 def test_plain_train_resumes_a_stopped_vmapped_seed(tmp_path):
   configs = _configs("mlp_digits")  # 20 steps, checkpoints every 10.
   workdirs = [str(tmp_path / f"v{i}") for i in range(2)]
