@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -84,6 +85,9 @@ def defaults() -> ConfigDict:
   c.train.eval_every = 200  # int > 0: evaluate every this many steps (and at the end).
   c.train.log_every = 50  # int > 0: write train metrics every this many steps.
   c.train.target = ""  # str: stop once eval meets it, e.g. "accuracy >= 0.98"; "" = never.
+  # str: comma-separated keys that may differ from the checkpoint's config on resume, e.g.
+  # "optimizer.learning_rate"; recorded in run.json. See jaxcollab/workdir.py for the keys always allowed.
+  c.train.allow_changes = ""
 
   c.checkpoint = ConfigDict()
   c.checkpoint.every = 500  # int > 0: save every this many steps (and at the end).
@@ -132,8 +136,8 @@ def load_experiment(path: str, arg: str | None = None) -> ConfigDict:
   """Runs `get_config(arg)` from an experiment file (a path, or `name` under experiments/)."""
   if ":" in os.path.basename(path) and arg is None:
     path, arg = path.rsplit(":", 1)
-  if not path.endswith(".py") and os.path.sep not in path:
-    candidate = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", path + ".py")
+  if os.path.sep not in path and not os.path.isfile(path):  # A name or a file name: look in experiments/.
+    candidate = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", path.removesuffix(".py") + ".py")
     path = candidate if os.path.exists(candidate) else path
   if not os.path.isfile(path):
     raise UserError(f"Experiment file {path!r} does not exist; pass a path such as experiments/cnn_digits.py.")
@@ -145,7 +149,15 @@ def load_experiment(path: str, arg: str | None = None) -> ConfigDict:
     raise UserError(f"Experiment file {path!r} failed to import ({type(e).__name__}: {e}); fix the file.") from e
   if not callable(getattr(module, "get_config", None)):
     raise UserError(f"Experiment file {path!r} has no get_config(); define get_config(arg=None) returning a ConfigDict.")
-  config = module.get_config(arg) if arg is not None else module.get_config()
+  if arg is not None and not inspect.signature(module.get_config).parameters:
+    raise UserError(f"get_config() in {path!r} takes no argument, so variant {arg!r} cannot be passed; drop "
+                    f"':{arg}' or define get_config(arg=None).")
+  try:
+    config = module.get_config(arg) if arg is not None else module.get_config()
+  except UserError:
+    raise
+  except Exception as e:  # A broken get_config is the user's to fix; say where.
+    raise UserError(f"get_config() in {path!r} failed ({type(e).__name__}: {e}); fix the file.") from e
   if not isinstance(config, ConfigDict):
     raise UserError(f"get_config() in {path!r} returned {type(config).__name__}; return an ml_collections.ConfigDict.")
   check_keys(config)
@@ -287,9 +299,17 @@ def validate(config: ConfigDict) -> ConfigDict:
   _require(0 <= config.loss.label_smoothing < 1,
            f"loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}.")
   _require(m.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {m.dtype!r}.")
-  _require(m.hidden > 0 and m.dense > 0 and m.width > 0, "model.hidden, model.dense and model.width must be > 0.")
-  _require(len(m.features) > 0 and all(int(f) > 0 for f in m.features),
-           f"model.features must be a non-empty tuple of positive ints, got {m.features}.")
+  for key in ("hidden", "dense", "width", "num_layers", "num_heads", "embed_dim", "mlp_dim", "context"):
+    _require(m[key] > 0, f"model.{key} must be a positive integer, got {m[key]}.")
+  _require(len(m.features) > 0 and all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in m.features),
+           f"model.features must be a non-empty tuple of positive ints such as (32, 64), got {tuple(m.features)}.")
+  _require(0 <= config.seed < 2**32, f"seed must be an integer in [0, 2**32), got {config.seed}.")
+  _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1 and optimizer.b2 must be in [0, 1), got {o.b1}, {o.b2}.")
+  _require(config.dataset.num_workers >= 0, f"dataset.num_workers must be >= 0, got {config.dataset.num_workers}.")
+  _require(config.dataset.seq_len > 0, f"dataset.seq_len must be a positive integer, got {config.dataset.seq_len}.")
+  for rule in config.mesh.rules:
+    _require(isinstance(rule, (tuple, list)) and len(rule) == 2 and all(isinstance(r, str) for r in rule),
+             f"mesh.rules entries must be pairs of strings such as ('embed', 'fsdp'), got {rule!r}.")
   _require(m.depth in (18, 34, 50), f"model.depth must be 18, 34 or 50, got {m.depth}.")
   _require(m.stem in ("cifar", "imagenet"), f"model.stem must be 'cifar' or 'imagenet', got {m.stem!r}.")
   parse_target(t.target)

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                          description="Train an experiment; extra --config.a.b=VALUE flags override its config.")
   train.add_argument("--config", required=True, help="experiment file (experiments/cnn_digits.py) or name (cnn_digits); FILE:ARG passes ARG to get_config, e.g. cnn_digits.py:smoke")
   train.add_argument("--workdir", required=True, help="run directory: config.json, metrics, checkpoints, plots")
+  train.add_argument("--use_nonempty_workdir", action="store_true",
+                     help="write into a non-empty directory that is not a jaxcollab workdir (refused otherwise)")
   dist = train.add_argument_group("several processes (see README 'Scaling out')")
   dist.add_argument("--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), help="HOST:PORT of process 0")
   dist.add_argument("--num_processes", type=int, default=_env_int("JAX_NUM_PROCESSES"), help="processes in the run")
@@ -55,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _console_filter(record: logging.LogRecord) -> bool:
+  """The terminal gets jaxcollab's own lines; libraries' errors and tracebacks go to WORKDIR/jaxcollab.log.
+
+  (orbax logs ~350 lines of tracebacks for one full disk; the error that follows says it in one sentence.)
+  """
+  return record.name in ("root", "__main__") or record.name.startswith("jaxcollab") or (
+      record.levelno < logging.ERROR and record.exc_info is None)
+
+
 def _env_int(name: str) -> int | None:
   value = os.environ.get(name)
   return int(value) if value and value.lstrip("-").isdigit() else None
@@ -69,7 +80,7 @@ def _train(args, overrides: list[str]) -> None:
     sharding.check_same_across_processes(os.path.abspath(args.workdir), "--workdir")
   config = config_lib.apply_overrides(config_lib.load_experiment(args.config), overrides)
   start = time.perf_counter()
-  result = train.train_and_evaluate(config, args.workdir)
+  result = train.train_and_evaluate(config, args.workdir, use_nonempty_workdir=args.use_nonempty_workdir)
   if not result:  # Stopped by a signal; train_and_evaluate has said where it saved.
     return
   import jax  # pylint: disable=g-import-not-at-top
@@ -128,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
   if stray or (overrides and args.command != "train"):
     parser.error(f"unrecognized arguments: {' '.join(stray or overrides)}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_console_filter)
   for noisy in ("absl", "jax", "orbax", "grain", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   _configure_runtime()

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +28,8 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorboardX  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tqdm  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from jaxcollab.config import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
@@ -47,19 +50,31 @@ def _is_number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _read_rows(path: str) -> list[dict]:
-  """Parsed rows of a jsonl file; a torn last line (process killed mid-write) is dropped."""
-  with open(path) as f:
-    lines = [line for line in f.read().split("\n") if line.strip()]
+def _read_rows(path: str, skip_bad: bool = False) -> list[dict]:
+  """Parsed rows of a jsonl file; a torn last line (process killed mid-write) is dropped.
+
+  A malformed line elsewhere is a UserError naming its number, or skipped with a warning (`skip_bad`).
+  """
+  with open(path, errors="replace") as f:
+    lines = f.read().split("\n")
+  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
   rows = []
   for i, line in enumerate(lines):
+    if not line.strip():
+      continue
     try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if i == len(lines) - 1:
+      row = json.loads(line)
+      if not isinstance(row, dict):
+        raise ValueError(f"a JSON {type(row).__name__}, not an object")
+      rows.append(row)
+    except ValueError as e:
+      if i == last:
         logging.warning("Ignoring an incomplete last line in %s.", path)
-        break
-      raise ValueError(f"Line {i + 1} of {path} is not valid JSON ({e}); fix or remove that line.") from e
+      elif skip_bad:
+        logging.warning("Skipping line %d of %s: it is not a JSON object (%s).", i + 1, path, e)
+      else:
+        raise UserError(f"Line {i + 1} of {path} is not a JSON object ({e}); fix or delete that line, then rerun."
+                        ) from None
   return rows
 
 
@@ -133,7 +148,8 @@ class Progress:
     self.total, self.every, self.enabled = total, max(int(every), 1), enabled
     self._bar = None
     self._last_step, self._last_time = initial, time.perf_counter()
-    if enabled and sys.stderr.isatty():
+    # A terminal that reports 0 columns (some IDE consoles, `script`) would get an empty bar: plain lines.
+    if enabled and sys.stderr.isatty() and shutil.get_terminal_size((80, 24)).columns >= 20:
       self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
   def update(self, step: int, values: dict[str, float]) -> None:
@@ -216,15 +232,15 @@ def write_run_info(workdir: str, *, config_json: str, mesh_shape: dict[str, int]
   _write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(info, indent=2) + "\n")
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """The rows of WORKDIR/metrics.jsonl, in the order they were written."""
+def read_metrics(workdir: str, skip_bad: bool = False) -> list[dict]:
+  """The rows of WORKDIR/metrics.jsonl, in the order they were written (see `_read_rows` for `skip_bad`)."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"No {METRICS_FILE} in {workdir}; check the path, or train a run into it with "
         f"`jaxcollab train --workdir {workdir}`."
     )
-  return _read_rows(path)
+  return _read_rows(path, skip_bad)
 
 
 def _metric_names(rows: list[dict]) -> list[str]:
@@ -246,12 +262,14 @@ def plot_curves(rows: list[dict], path: str) -> None:
     axes[0, 0].text(0.5, 0.5, "no metrics logged", ha="center", va="center")
   splits = list(dict.fromkeys(row.get("split", "?") for row in rows))
   for ax, name in zip(axes.flat, names):
-    for split in splits:
+    for i, split in enumerate(splits):
       points = sorted((r["step"], r[name]) for r in rows if r.get("split", "?") == split and _is_number(r.get(name)))
       if points:
         steps, values = zip(*points)
         # Markers keep eval/test series visible when they hold only one or two points.
-        ax.plot(steps, values, label=split, marker="o" if len(points) < 20 else None, markersize=3)
+        # One colour per split in every panel, whichever splits a panel lacks.
+        ax.plot(steps, values, label=split, color=f"C{i % 10}", marker="o" if len(points) < 20 else None,
+                markersize=3)
     ax.set_title(name)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)

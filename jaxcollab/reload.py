@@ -188,7 +188,7 @@ def describe(path: str, step: int | None = None) -> dict[str, Any]:
     total["count"] += count
     total["bytes"] += count * dtype.itemsize
   workdir = os.path.dirname(ref.directory)
-  rows = metrics.read_metrics(workdir) if os.path.isfile(os.path.join(workdir, metrics.METRICS_FILE)) else []
+  rows = metrics.read_metrics(workdir, skip_bad=True) if os.path.isfile(os.path.join(workdir, metrics.METRICS_FILE)) else []
   last = {}
   for row in rows:
     last[row.get("split")] = row
