@@ -72,13 +72,14 @@ def _env_int(name: str) -> int | None:
 
 
 def _train(args, overrides: list[str]) -> None:
-  from jaxcollab import config as config_lib, sharding, train  # pylint: disable=g-import-not-at-top
+  from jaxcollab import config as config_lib, sharding, train, workdir  # pylint: disable=g-import-not-at-top
 
   # Before anything touches a device: jax.distributed must start before the backends do.
   if args.distributed or args.coordinator_address or args.num_processes is not None or args.process_id is not None:
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, args.init_timeout)
     sharding.check_same_across_processes(os.path.abspath(args.workdir), "--workdir")
   config = config_lib.apply_overrides(config_lib.load_experiment(args.config), overrides)
+  workdir.route_background_errors()  # A failed background write is one sentence, its threads' noise in the log.
   start = time.perf_counter()
   result = train.train_and_evaluate(config, args.workdir, use_nonempty_workdir=args.use_nonempty_workdir)
   if not result:  # Stopped by a signal; train_and_evaluate has said where it saved.

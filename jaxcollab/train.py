@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -319,11 +320,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, use_nonempty_workdir
       result, stopped = _train(run, wd, stop, target, is_main)
     except BaseException as e:
       wd.log_detail(e)
-      wd.end_segment(None, "failed")
+      with contextlib.suppress(OSError):  # A full disk must not hide the error that matters.
+        wd.end_segment(None, "failed")
       if isinstance(e, OSError):
         raise workdir_lib.WorkdirError(
-            f"Writing {e.filename or workdir} failed: {workdir_lib.os_cause(e)}; free disk space or fix permissions, "
-            f"then rerun the same command to resume (details in {os.path.join(workdir, workdir_lib.LOG_FILE)})."
+            f"Cannot use {e.filename or workdir}: {workdir_lib.os_cause(e)}; free disk space or fix that path, then "
+            f"rerun the same command to resume (details in {os.path.join(workdir, workdir_lib.LOG_FILE)})."
         ) from e
       raise
     finally:
@@ -358,6 +360,8 @@ def _train(run: Run, wd: workdir_lib.Workdir, stop: stop_lib.Stop, target, is_ma
         state = reload.init_from(state, config.init_from)
     start = int(jax.device_get(state.step))
     stop.setup_note = f"nothing new to save; newest checkpoint: step {start}" if start else "nothing saved yet"
+    # First: it reads metrics.jsonl back, and a damaged line must stop us before anything is rewritten.
+    writer = metrics.MetricWriter(workdir, enabled=is_main, resume_step=start)
     if is_main:
       workdir_lib.write_config(workdir, config_lib.to_json(config))
       metrics.write_run_info(workdir, config_json=config_lib.to_json(config), mesh_shape=dict(run.mesh.shape),
@@ -368,7 +372,6 @@ def _train(run: Run, wd: workdir_lib.Workdir, stop: stop_lib.Stop, target, is_ma
       logging.info("Resuming from step %d in %s.", start, workdir)
       for key, (old, new) in changes.items():
         logging.info("Config %s changed from %r to %r (recorded in run.json).", key, old, new)
-    writer = metrics.MetricWriter(workdir, enabled=is_main, resume_step=start)
     unit = "examples_per_s" if info.kind == "image" else "tokens_per_s"
     per_batch = config.train.batch_size * (1 if info.kind == "image" else info.seq_len)
     progress = metrics.Progress(config.train.steps, initial=start, every=config.train.log_every, enabled=is_main)

@@ -12,6 +12,7 @@ A workdir describes exactly how its checkpoints were made, so:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -21,6 +22,7 @@ import os
 import re
 import socket
 import sys
+import threading
 from typing import Any
 
 from jaxcollab import config as config_lib
@@ -39,6 +41,30 @@ RESUMABLE_KEYS = (
 _LOG = logging.getLogger("jaxcollab.workdir")
 _DETAIL = logging.getLogger("jaxcollab.detail")  # Full tracebacks: the log file only, never the terminal.
 _DETAIL.propagate = False
+_DETAIL.addHandler(logging.NullHandler())  # Without a workdir open, detail goes nowhere (not to stderr).
+
+
+def route_background_errors() -> None:
+  """Exceptions in library threads and finalizers (orbax after a failed write) go to the log file only."""
+  threading.excepthook = lambda args: _DETAIL.error(
+      "In thread %s:", getattr(args.thread, "name", "?"), exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+  sys.unraisablehook = lambda u: _DETAIL.error(
+      "Unraisable in %r: %s", u.object, u.err_msg or "", exc_info=(u.exc_type, u.exc_value, u.exc_traceback))
+
+
+class _QuietFileHandler(logging.FileHandler):
+  """A log file that stays silent when it cannot be written (a full disk must not flood the terminal)."""
+
+  def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+    del record
+
+  def flush(self) -> None:
+    with contextlib.suppress(OSError):
+      super().flush()
+
+  def close(self) -> None:
+    with contextlib.suppress(OSError):
+      super().close()
 
 
 class WorkdirError(UserError):
@@ -245,7 +271,7 @@ class Workdir:
     notice = self.lock.acquire()
     self._segments = list(read_run_info(self.path).get("segments", []))
     try:
-      self._handler = logging.FileHandler(os.path.join(self.path, LOG_FILE))
+      self._handler = _QuietFileHandler(os.path.join(self.path, LOG_FILE))
     except OSError as e:
       self.lock.release()
       raise WorkdirError(f"Cannot write {LOG_FILE} in workdir {self.path} ({os_cause(e)}); make it writable.") from e
