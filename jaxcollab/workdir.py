@@ -55,7 +55,7 @@ def route_background_errors() -> None:
 class _QuietFileHandler(logging.FileHandler):
   """A log file that stays silent when it cannot be written (a full disk must not flood the terminal)."""
 
-  def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+  def handleError(self, record: logging.LogRecord) -> None:
     del record
 
   def flush(self) -> None:
