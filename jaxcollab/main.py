@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
 
-
-def _configure_runtime() -> None:
-  """Environment that must be set before jax starts: CPU fusion choice, quiet logs, compile cache."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_cpu_experimental_ynn_fusion_type" not in flags:
-    # jaxlib 0.10 routes CPU dots/convs through YNNPACK fusions, which ran our CNN step 2.4x slower
-    # on x86 CPUs (benchmarks/ynn_fusion.py measures it). Only the CPU backend reads this flag.
-    os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_experimental_ynn_fusion_type=").strip()
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  import jax  # pylint: disable=g-import-not-at-top
-
-  cache = os.environ.get("JAXCOLLAB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxcollab", "xla"))
-  if cache:
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+from jaxcollab import config as config_lib
+from jaxcollab import runtime
+from jaxcollab.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
 
   train = sub.add_parser("train", allow_abbrev=False, help="train an experiment into a workdir (resumes if it has checkpoints)",
                          description="Train an experiment; extra --config.a.b=VALUE flags override its config.")
-  train.add_argument("--config", required=True, help="experiment file (experiments/cnn_digits.py) or name (cnn_digits); FILE:ARG passes ARG to get_config, e.g. cnn_digits.py:smoke")
+  train.add_argument("--config", required=True, help="experiment file (experiments/cnn_digits.py) or name (cnn_digits); FILE:ARG passes ARG to get_config, e.g. cnn_digits:smoke")
   train.add_argument("--workdir", required=True, help="run directory: config.json, metrics, checkpoints, plots")
   train.add_argument("--use_nonempty_workdir", action="store_true",
                      help="write into a non-empty directory that is not a jaxcollab workdir (refused otherwise)")
@@ -57,49 +44,46 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _console_filter(record: logging.LogRecord) -> bool:
-  """The terminal gets jaxcollab's own lines; libraries' errors and tracebacks go to WORKDIR/jaxcollab.log.
-
-  (orbax logs ~350 lines of tracebacks for one full disk; the error that follows says it in one sentence.)
-  """
-  return record.name in ("root", "__main__") or record.name.startswith("jaxcollab") or (
-      record.levelno < logging.ERROR and record.exc_info is None)
-
-
 def _env_int(name: str) -> int | None:
   value = os.environ.get(name)
   return int(value) if value and value.lstrip("-").isdigit() else None
 
 
-def _train(args, overrides: list[str]) -> None:
-  from jaxcollab import config as config_lib, sharding, train, workdir  # pylint: disable=g-import-not-at-top
+def _train(args: argparse.Namespace, overrides: list[str]) -> None:
+  # The shared keys are checked before jax is imported, so a typo is reported in well under a second.
+  config = config_lib.validate(config_lib.apply_overrides(config_lib.load_experiment(args.config), overrides))
+  runtime.configure()
+  # Imported here, not at the top: XLA_FLAGS (set by configure) must be in place before jax starts.
+  import jax  # pylint: disable=g-import-not-at-top
 
+  from jaxcollab import run, sharding, train, workdir  # pylint: disable=g-import-not-at-top
+
+  config = run.resolve(config, config_lib.override_keys(overrides))
   # Before anything touches a device: jax.distributed must start before the backends do.
   if args.distributed or args.coordinator_address or args.num_processes is not None or args.process_id is not None:
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, args.init_timeout)
     sharding.check_same_across_processes(os.path.abspath(args.workdir), "--workdir")
-  config = config_lib.apply_overrides(config_lib.load_experiment(args.config), overrides)
-  workdir.route_background_errors()  # A failed background write is one sentence, its threads' noise in the log.
+  workdir.quiet_terminal()  # Library tracebacks (orbax after a failed write) go to WORKDIR/jaxcollab.log.
   start = time.perf_counter()
   result = train.train_and_evaluate(config, args.workdir, use_nonempty_workdir=args.use_nonempty_workdir)
   if not result:  # Stopped by a signal; train_and_evaluate has said where it saved.
     return
-  import jax  # pylint: disable=g-import-not-at-top
-
   if jax.process_index() == 0:
     summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
     print(f"Final evaluation: {summary} ({time.perf_counter() - start:.0f} s); results in {args.workdir}")
 
 
-def _eval(args) -> None:
-  from jaxcollab import evaluate  # pylint: disable=g-import-not-at-top
+def _eval(args: argparse.Namespace) -> None:
+  runtime.configure()
+  from jaxcollab import evaluate  # pylint: disable=g-import-not-at-top  # After configure: see _train.
 
   result = evaluate.evaluate_checkpoint(args.workdir, args.step)
   print(json.dumps(result, indent=2))
 
 
-def _inspect(args) -> None:
-  from jaxcollab import reload  # pylint: disable=g-import-not-at-top
+def _inspect(args: argparse.Namespace) -> None:
+  runtime.configure()
+  from jaxcollab import reload  # pylint: disable=g-import-not-at-top  # After configure: see _train.
 
   info = reload.describe(args.path, args.step)
   if args.json:
@@ -139,14 +123,6 @@ def main(argv: list[str] | None = None) -> int:
   stray = [u for u in unknown if not u.startswith("--config.")]
   if stray or (overrides and args.command != "train"):
     parser.error(f"unrecognized arguments: {' '.join(stray or overrides)}")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-  for handler in logging.getLogger().handlers:
-    handler.addFilter(_console_filter)
-  for noisy in ("absl", "jax", "orbax", "grain", "tensorflow_datasets"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  _configure_runtime()
-  from jaxcollab.config import UserError  # pylint: disable=g-import-not-at-top
-
   try:
     {"train": lambda: _train(args, overrides), "eval": lambda: _eval(args), "inspect": lambda: _inspect(args)}[
         args.command]()

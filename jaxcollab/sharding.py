@@ -16,16 +16,20 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.experimental.mesh_utils
 import jax.experimental.multihost_utils
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxcollab.config import ConfigDict, UserError
+from jaxcollab import pytree
+from jaxcollab.config import ConfigDict
+from jaxcollab.errors import UserError
 
 PyTree = Any
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -139,7 +143,7 @@ def check_params(param_specs: PyTree, abstract_params: PyTree, mesh: Mesh, rules
       axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
       ways = math.prod(mesh.shape[a] for a in axes)
       if size % ways:
-        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        where = pytree.path_str(path)
         split = "*".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
         key = f" ({hints[name]})" if name in hints else ""
         raise UserError(

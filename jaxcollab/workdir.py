@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import fcntl
 import json
 import logging
 import os
-import re
 import socket
 import sys
 import threading
 from typing import Any
 
 from jaxcollab import config as config_lib
-from jaxcollab.config import ConfigDict, UserError
+from jaxcollab.config import ConfigDict
+from jaxcollab.errors import LOG_FILE, UserError, os_cause
 
 LOCK_FILE = ".jaxcollab.lock"
-LOG_FILE = "jaxcollab.log"
 RUN_FILE = "run.json"
 # Keys that do not change what a step computes: they may differ between segments of one run.
 # (`train.steps` with a warmup_cosine schedule does change the remaining learning rates: recorded.)
@@ -44,8 +42,22 @@ _DETAIL.propagate = False
 _DETAIL.addHandler(logging.NullHandler())  # Without a workdir open, detail goes nowhere (not to stderr).
 
 
-def route_background_errors() -> None:
-  """Exceptions in library threads and finalizers (orbax after a failed write) go to the log file only."""
+def _console_filter(record: logging.LogRecord) -> bool:
+  """The terminal gets jaxcollab's own lines; libraries' errors, tracebacks and warnings go to the log file.
+
+  (orbax logs ~350 lines of tracebacks for one full disk; the error that follows says it in one sentence.)
+  """
+  if record.name in ("root", "__main__") or record.name.startswith("jaxcollab"):
+    return True
+  return record.name != "py.warnings" and record.levelno < logging.ERROR and record.exc_info is None
+
+
+def quiet_terminal() -> None:
+  """For the CLI's training: library errors, thread exceptions and finalizer noise go to the log file only."""
+  for handler in logging.getLogger().handlers:
+    if _console_filter not in handler.filters:
+      handler.addFilter(_console_filter)
+  logging.captureWarnings(True)  # e.g. jax's "Error writing persistent compilation cache entry" on a full disk.
   threading.excepthook = lambda args: _DETAIL.error(
       "In thread %s:", getattr(args.thread, "name", "?"), exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
   sys.unraisablehook = lambda u: _DETAIL.error(
@@ -73,18 +85,6 @@ class WorkdirError(UserError):
 
 def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def os_cause(e: BaseException) -> str:
-  """A short cause for an OS-level failure, also when a library wrapped it in its own exception."""
-  code = getattr(e, "errno", None)
-  if code is None:
-    match = re.search(r"os_error_code='?(\d+)", str(e))
-    code = int(match.group(1)) if match else None
-  text = os.strerror(code) if code else str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-  return {errno.ENOSPC: "the disk is full", errno.EFBIG: "a file size limit was reached",
-          errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied",
-          errno.EPERM: "permission denied", errno.EROFS: "the filesystem is read-only"}.get(code, text)
 
 
 def check_directory(path: str) -> None:
@@ -208,10 +208,10 @@ def _resumable(key: str, allowed: tuple[str, ...]) -> bool:
   return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in (*RESUMABLE_KEYS, *allowed))
 
 
-def parse_allow_changes(text: str) -> tuple[str, ...]:
-  """'a.b, c' -> ('a.b', 'c'), each a config key (or SECTION.*)."""
+def parse_allow_changes(text: str, config: ConfigDict | None = None) -> tuple[str, ...]:
+  """'a.b, c' -> ('a.b', 'c'), each a key of the schema or of `config` (its model's fields), or SECTION.*."""
   keys = tuple(k.strip() for k in text.split(",") if k.strip())
-  valid = set(_flat(config_lib.defaults().to_dict()))
+  valid = set(_flat(config_lib.defaults().to_dict())) | set(_flat(config.to_dict() if config is not None else {}))
   for key in keys:
     if key not in valid and not (key.endswith(".*") and any(v.startswith(key[:-1]) for v in valid)):
       raise UserError(f"train.allow_changes names {key!r}, which is not a config key; list keys such as "
@@ -224,16 +224,20 @@ def _show(value: Any) -> str:
 
 
 def config_changes(saved: dict[str, Any], config: ConfigDict) -> dict[str, list[Any]]:
-  """key -> [saved value, new value] for every key whose value differs (in their JSON form)."""
+  """key -> [saved value, new value] for every key both configs have whose value differs (in JSON form).
+
+  A key only one side has cannot change a computation: one the schema gained since the save keeps the
+  old behaviour at its default, and one of another model's fields (or since removed) is read by nobody.
+  """
   old = _flat(saved)
   new = _flat(json.loads(config_lib.to_json(config)))
-  return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+  return {k: [old[k], new[k]] for k in sorted(set(old) & set(new)) if old[k] != new[k]}
 
 
 def check_resume(saved: dict[str, Any], config: ConfigDict, step: int, workdir: str) -> dict[str, list[Any]]:
   """The allowed changes against the checkpoint's config; raises naming every key that may not change."""
   changes = config_changes(saved, config)
-  allowed = parse_allow_changes(config.train.allow_changes)
+  allowed = parse_allow_changes(config.train.allow_changes, config)
   refused = {k: v for k, v in changes.items() if not _resumable(k, allowed)}
   if refused:
     listed = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in refused.items())

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -19,7 +20,10 @@ import pytest
 
 import checkpoint_runs as runs
 import jaxcollab
-from jaxcollab import checkpoint, config as config_lib, main, models, reload, train
+from jaxcollab import checkpoint, main, models, reload
+from jaxcollab import config as config_lib
+from jaxcollab import run as run_lib
+from jaxcollab.errors import CheckpointError
 
 SMOKE = os.path.join(runs.REPO, "experiments", "mlp_digits.py:smoke")
 FLAGS = ("--config.checkpoint.every=5", "--config.checkpoint.keep=10")  # Steps 5, 10, 15, 20; evals at 10, 20.
@@ -146,7 +150,7 @@ def _params(config: config_lib.ConfigDict):
   from jaxcollab import data  # pylint: disable=g-import-not-at-top
 
   info = data.get_dataset(config).info
-  return reload._init_variables(models.build(config, info), info, 0)["params"]  # pylint: disable=protected-access
+  return nn.unbox(run_lib.init_variables(models.build(config, info), info, 0))["params"]
 
 
 @pytest.mark.parametrize("change, missing, unexpected, mismatched", [
@@ -158,7 +162,7 @@ def test_structure_check_names_every_path(change, missing, unexpected, mismatche
   base = config_lib.load_experiment(SMOKE)
   saved = jax.eval_shape(lambda: {"params": _params(base)})
   expected = jax.eval_shape(lambda: {"params": _params(config_lib.apply_overrides(base, list(change)))})
-  with pytest.raises(checkpoint.CheckpointError) as e:
+  with pytest.raises(CheckpointError) as e:
     checkpoint.check_structure(saved, expected, "STEP")
   for path in missing + unexpected + mismatched:
     assert path in str(e.value)
@@ -169,7 +173,7 @@ def test_structure_check_names_every_path(change, missing, unexpected, mismatche
 def test_structure_check_names_a_renamed_layer():
   saved = {"params": {"hidden": {"kernel": np.zeros((3, 4))}, "head": {"kernel": np.zeros((4, 2))}}}
   renamed = {"params": {"hidden": {"kernel": np.zeros((3, 4))}, "out": {"kernel": np.zeros((4, 2))}}}
-  with pytest.raises(checkpoint.CheckpointError, match=r"missing: params/out/kernel; unexpected: params/head/kernel"):
+  with pytest.raises(CheckpointError, match=r"missing: params/out/kernel; unexpected: params/head/kernel"):
     checkpoint.check_structure(saved, renamed, "STEP")
   checkpoint.check_structure(saved, saved, "STEP")  # Same structure: no error.
 
@@ -177,7 +181,7 @@ def test_structure_check_names_a_renamed_layer():
 def test_init_from_loads_matching_parameters_and_reports_the_rest(workdir, caplog):
   source = runs.read_state(workdir)["params"]
   config = config_lib.apply_overrides(config_lib.load_experiment(SMOKE), ["model.hidden=512"])
-  run = train.build(config)
+  run = run_lib.build(config)
   fresh = run.init_state()
   with caplog.at_level(logging.INFO):
     state = reload.init_from(fresh, workdir)

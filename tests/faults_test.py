@@ -3,11 +3,12 @@
 Each case checks the exit code, that the message is one sentence (at most 3 lines besides progress, no
 traceback), and that no finished checkpoint or metrics row is lost. Cheap cases run `main.main` in this
 process; the faults that need a real process (a full disk, two writers, signals, a read-only workdir) are
-marked slow. Tests jaxcollab/workdir.py, stop.py and the hooks in train.py, config.py, metrics.py.
+marked slow. Tests jaxcollab/workdir.py, stop.py and the hooks in train.py, run.py, config.py, records.py, metrics.py.
 """
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,10 @@ import numpy as np
 import pytest
 
 import checkpoint_runs as runs
-from jaxcollab import checkpoint, config as config_lib, evaluate, main, metrics, train, workdir as workdir_lib
+from jaxcollab import checkpoint, errors, evaluate, main, metrics, records, train
+from jaxcollab import run as run_lib
+from jaxcollab import config as config_lib
+from jaxcollab import workdir as workdir_lib
 
 SMOKE = ["--config.model.hidden=32", "--config.train.steps=10", "--config.checkpoint.every=5",
          "--config.train.eval_every=5", "--config.train.log_every=5", "--config.checkpoint.keep=10"]
@@ -30,16 +34,17 @@ def _train(workdir, *flags, experiment="mlp_digits:smoke") -> int:
 
 
 def _one_sentence(err: str, command: str = "train") -> str:
-  """The error line; asserts it is the only one besides progress and log lines, with no traceback."""
+  """The error line; asserts at most 3 lines besides a started run's progress and INFO lines, no traceback."""
   assert "Traceback" not in err, err
-  lines = [line for line in err.splitlines() if line.strip() and not line.startswith("step ")]
+  lines = [line for line in err.splitlines()
+           if line.strip() and not line.startswith("step ") and not re.match(r"\d\d:\d\d:\d\d INFO ", line)]
   assert len(lines) <= 3, err
   errors = [line for line in lines if line.startswith(f"jaxcollab {command}: error: ")]
   assert len(errors) == 1, err
   return errors[0]
 
 
-def snapshot(path, ignore=(workdir_lib.LOG_FILE,)) -> dict[str, bytes]:
+def snapshot(path, ignore=(errors.LOG_FILE,)) -> dict[str, bytes]:
   """Every file under `path` with its bytes (a changed, added or removed file shows)."""
   out = {}
   for root, _, names in os.walk(str(path)):
@@ -78,8 +83,8 @@ BAD_VALUES = [
     ("gpt_pydocs:smoke", "model.embed_dim=-8", "model.embed_dim must be a positive integer, got -8"),
     ("gpt_pydocs:smoke", "model.num_layers=0", "model.num_layers must be a positive integer"),
     ("gpt_pydocs:smoke", "model.context=0", "model.context must be a positive integer"),
-    ("cnn_digits:smoke", "model.features=(32,1.5)", "model.features must be a non-empty tuple of positive ints"),
-    ("cnn_digits:smoke", "model.features=(32,'a')", "model.features must be a non-empty tuple of positive ints"),
+    ("cnn_digits:smoke", "model.features=(32,1.5)", "'model.features' must be a tuple of int"),
+    ("cnn_digits:smoke", "model.features=(32,'a')", "'model.features' must be a tuple of int"),
     ("cnn_digits:smoke", "model.features=(32,-4)", "model.features must be a non-empty tuple of positive ints"),
     ("mlp_digits:smoke", "seed=-1", "seed must be an integer in [0, 2**32), got -1"),
     ("mlp_digits:smoke", "seed=4294967296", "seed must be an integer in [0, 2**32), got 4294967296"),
@@ -114,13 +119,13 @@ def test_out_of_memory_names_model_size_batch_and_keys(tmp_path, capsys):
 
 def test_out_of_memory_at_initialisation_is_one_sentence_not_a_hang(monkeypatch):
   """XLA's RESOURCE_EXHAUSTED surfaces when blocking on the whole state, and becomes a UserError."""
-  run = train.build(config_lib.load_experiment("mlp_digits:smoke"), devices=[train.jax.devices()[0]])
+  run = run_lib.build(config_lib.load_experiment("mlp_digits:smoke"), devices=[train.jax.devices()[0]])
 
   def exhausted(tree):
     raise train.jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 bytes.")
 
   monkeypatch.setattr(train.jax, "block_until_ready", exhausted)
-  with pytest.raises(config_lib.UserError, match=r"Out of device memory while initialising the parameters: the model "
+  with pytest.raises(errors.UserError, match=r"Out of device memory while initialising the parameters: the model "
                      r"has 76,810 parameters .* train.batch_size=32, and a device has [\d.]+ GiB; lower model.hidden"):
     train.ready(run.init_state(), run, "while initialising the parameters")
 
@@ -129,7 +134,7 @@ def test_eval_batch_larger_than_the_split_is_clamped(caplog):
   config = config_lib.apply_overrides(config_lib.load_experiment("mlp_digits:smoke"),
                                       ["train.eval_batch_size=10000000"])
   with caplog.at_level("INFO"):
-    run = train.build(config, devices=train.jax.devices()[:8])
+    run = run_lib.build(config, devices=train.jax.devices()[:8])
   assert run.config.train.eval_batch_size == 360  # The 360 test digits, a multiple of the 8 devices.
   assert "train.eval_batch_size=10000000 exceeds the 360 examples of the eval split; using 360" in caplog.text
 
@@ -141,7 +146,7 @@ def _experiment(tmp_path, body: str) -> str:
 
 
 @pytest.mark.parametrize("body, argv_suffix, needle", [
-    ("def get_config():\n  return config_lib.defaults()\n", ":smoke", "takes no argument, so variant 'smoke' cannot"),
+    ("def get_config():\n  return config_lib.defaults()\n", ":smoke", "has no variants (its get_config() takes no argument); drop ':smoke'"),
     ("def get_config(arg=None):\n  return 1 / 0\n", "", "failed (ZeroDivisionError: division by zero); fix the file"),
     ("def get_config(arg=None):\n  return {}\n", "", "returned dict; return an ml_collections.ConfigDict"),
 ], ids=["no-arg-with-variant", "raises", "not-a-configdict"])
@@ -238,7 +243,7 @@ def test_resume_with_a_changed_computation_is_refused(copy, capsys, flags, needl
   assert f"Resuming {copy} from step 10 would change how its checkpoints were computed ({needle})" in line, line
   assert "--config.train.allow_changes=" in line
   assert snapshot(copy) == before
-  with open(os.path.join(copy, workdir_lib.LOG_FILE)) as f:
+  with open(os.path.join(copy, errors.LOG_FILE)) as f:
     assert "Traceback" in f.read()  # The detail is in the log, not on the terminal.
 
 
@@ -297,11 +302,11 @@ def test_sigterm_during_evaluation_abandons_it_and_saves_the_step(tmp_path, monk
   assert "Evaluation abandoned: SIGTERM arrived." in caplog.text
   assert "Stopped by SIGTERM at step 5: checkpoint saved in" in caplog.text
   assert _steps(workdir) == (5,)
-  assert [r["split"] for r in metrics.read_metrics(str(workdir))] == ["train"]  # No eval row for step 5.
+  assert [r["split"] for r in records.read_metrics(str(workdir))] == ["train"]  # No eval row for step 5.
   assert workdir_lib.read_run_info(str(workdir))["segments"][-1]["status"] == "stopped"
 
 
-# ---- Finding 8: what the terminal and the plots show ----------------------------------------------
+# ---- Finding 8: what the terminal shows ----------------------------------------------
 
 
 def test_progress_on_a_terminal_reporting_0_columns_prints_lines(monkeypatch, capsys):
@@ -311,19 +316,6 @@ def test_progress_on_a_terminal_reporting_0_columns_prints_lines(monkeypatch, ca
   progress.update(5, {"loss": 1.0})
   progress.close()
   assert "step 5/10 (50%) loss 1.0000" in capsys.readouterr().err
-
-
-def test_each_split_keeps_its_colour_in_every_panel(monkeypatch, tmp_path):
-  figures = []
-  monkeypatch.setattr(metrics, "_save", lambda fig, path: figures.append(fig))
-  rows = [{"step": 1, "split": "train", "loss": 1.0, "grad_norm": 2.0}, {"step": 1, "split": "eval", "loss": 1.5},
-          {"step": 2, "split": "train", "loss": 0.5, "grad_norm": 1.0}, {"step": 2, "split": "test", "loss": 1.2}]
-  metrics.plot_curves(rows, str(tmp_path / "c.png"))
-  colours = {}
-  for ax in figures[0].axes:
-    for line in ax.get_lines():
-      colours.setdefault(line.get_label(), set()).add(line.get_color())
-  assert all(len(c) == 1 for c in colours.values()) and len({c.pop() for c in colours.values()}) == 3
 
 
 # ---- Real processes: a full disk, two writers, a signal in setup, a read-only workdir ---------------
@@ -342,18 +334,18 @@ def test_full_disk_is_one_sentence_and_finished_steps_stay(copy):
     import resource  # pylint: disable=g-import-not-at-top
     resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))  # Like a full disk: writes fail (EFBIG).
 
-  rows = metrics.read_metrics(copy)
+  rows = records.read_metrics(copy)
   out = _process_train(copy, *SMOKE, "--config.train.steps=20", preexec_fn=limit_file_size)
   assert out.returncode == 2, out.stderr
   line = _one_sentence(out.stderr)  # (Which write hits the limit first varies: a checkpoint, a plot.)
   assert ": a file size limit was reached; free disk space" in line, line
-  assert f"(details in {os.path.join(copy, workdir_lib.LOG_FILE)})" in line
-  with open(os.path.join(copy, workdir_lib.LOG_FILE)) as f:
+  assert f"(details in {os.path.join(copy, errors.LOG_FILE)})" in line
+  with open(os.path.join(copy, errors.LOG_FILE)) as f:
     assert "File too large" in f.read()
   assert {5, 10} <= set(_steps(copy))  # Nothing finished was lost; nothing half-written is visible.
   for step in _steps(copy):
     checkpoint.verify(os.path.join(runs.checkpoints(copy), str(step)), step)
-  assert metrics.read_metrics(copy)[:len(rows)] == rows
+  assert records.read_metrics(copy)[:len(rows)] == rows
   assert workdir_lib.read_run_info(copy)["segments"][-1]["status"] == "failed"
 
 
@@ -378,7 +370,7 @@ def test_two_writers_one_is_refused_and_the_workdir_stays_whole(tmp_path):
     first.send_signal(signal.SIGTERM)
     _, first_err = first.communicate(timeout=120)
   assert first.returncode == 0 and "Stopped by SIGTERM at step " in first_err, first_err[-3000:]
-  metrics.read_metrics(str(workdir))  # Every line whole (a torn line in the middle would raise).
+  records.read_metrics(str(workdir))  # Every line whole (a torn line in the middle would raise).
   assert _steps(workdir)
   for step in _steps(workdir):
     checkpoint.verify(os.path.join(runs.checkpoints(workdir), str(step)), step)
@@ -424,8 +416,8 @@ def test_read_only_workdir_is_one_sentence(trained):
 
 
 def test_os_cause_reads_wrapped_errors():
-  assert workdir_lib.os_cause(OSError(28, "No space left on device")) == "the disk is full"
-  assert workdir_lib.os_cause(ValueError("OUT_OF_RANGE: Failed to write [os_error_code='27']")) == (
+  assert errors.os_cause(OSError(28, "No space left on device")) == "the disk is full"
+  assert errors.os_cause(ValueError("OUT_OF_RANGE: Failed to write [os_error_code='27']")) == (
       "a file size limit was reached")
-  assert workdir_lib.os_cause(ValueError("something else")) == "something else"
+  assert errors.os_cause(ValueError("something else")) == "something else"
   assert np.isscalar(len(BAD_VALUES)) and len(BAD_VALUES) >= 19

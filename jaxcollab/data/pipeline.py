@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from absl import flags
 import grain
 import numpy as np
+from absl import flags
 
-from jaxcollab.config import UserError
 from jaxcollab.data import augment as augment_lib
+from jaxcollab.errors import UserError
 
 Example = dict[str, Any]
 # Batches are assembled in a background thread a few steps ahead; a small buffer because the
