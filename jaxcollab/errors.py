@@ -33,9 +33,14 @@ class NonFiniteLossError(UserError):
 
 # Where a workdir keeps the full detail of every error (tracebacks, library logs); the terminal gets one sentence.
 LOG_FILE = "jaxcollab.log"
-_CAUSES = {errno.ENOSPC: "the disk is full", errno.EFBIG: "a file size limit was reached",
-           errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied",
-           errno.EPERM: "permission denied", errno.EROFS: "the filesystem is read-only"}
+_CAUSES = {
+  errno.ENOSPC: "the disk is full",
+  errno.EFBIG: "a file size limit was reached",
+  errno.EDQUOT: "the disk quota is exceeded",
+  errno.EACCES: "permission denied",
+  errno.EPERM: "permission denied",
+  errno.EROFS: "the filesystem is read-only",
+}
 
 
 def os_cause(e: BaseException) -> str:

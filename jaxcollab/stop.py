@@ -105,7 +105,9 @@ class Stop:
   def _exit_now(self, signum: int, second: bool) -> None:
     name = signal.Signals(signum).name
     if second:
-      line = f"Stopped by a second {name}: exiting at once; finished checkpoints are kept, run the same command to resume."
+      line = (
+        f"Stopped by a second {name}: exiting at once; finished checkpoints are kept, run the same command to resume."
+      )
     else:
       line = f"Stopped by {name} during setup ({self.setup_note}); run the same command to resume."
     for fn in self._on_exit:

@@ -32,9 +32,18 @@ RUN_FILE = "run.json"
 # Keys that do not change what a step computes: they may differ between segments of one run.
 # (`train.steps` with a warmup_cosine schedule does change the remaining learning rates: recorded.)
 RESUMABLE_KEYS = (
-    "train.steps", "train.eval_every", "train.log_every", "train.eval_batch_size", "train.target",
-    "train.allow_changes", "checkpoint.*", "mesh.*", "dataset.num_workers", "dataset.data_dir", "init_from",
-    "model.remat",
+  "train.steps",
+  "train.eval_every",
+  "train.log_every",
+  "train.eval_batch_size",
+  "train.target",
+  "train.allow_changes",
+  "checkpoint.*",
+  "mesh.*",
+  "dataset.num_workers",
+  "dataset.data_dir",
+  "init_from",
+  "model.remat",
 )
 _LOG = logging.getLogger("jaxcollab.workdir")
 _DETAIL = logging.getLogger("jaxcollab.detail")  # Full tracebacks: the log file only, never the terminal.
@@ -59,9 +68,11 @@ def quiet_terminal() -> None:
       handler.addFilter(_console_filter)
   logging.captureWarnings(True)  # e.g. jax's "Error writing persistent compilation cache entry" on a full disk.
   threading.excepthook = lambda args: _DETAIL.error(
-      "In thread %s:", getattr(args.thread, "name", "?"), exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+    "In thread %s:", getattr(args.thread, "name", "?"), exc_info=(args.exc_type, args.exc_value, args.exc_traceback)
+  )
   sys.unraisablehook = lambda u: _DETAIL.error(
-      "Unraisable in %r: %s", u.object, u.err_msg or "", exc_info=(u.exc_type, u.exc_value, u.exc_traceback))
+    "Unraisable in %r: %s", u.object, u.err_msg or "", exc_info=(u.exc_type, u.exc_value, u.exc_traceback)
+  )
 
 
 class _QuietFileHandler(logging.FileHandler):
@@ -115,9 +126,11 @@ def check_owned(path: str, use_nonempty: bool = False) -> None:
     return
   names = sorted(os.listdir(path))
   shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-  raise WorkdirError(f"--workdir {path} is not empty ({shown}) and is not a jaxcollab workdir; pass a new or empty "
-                     "directory, or add --use_nonempty_workdir to write into it (its config.json, metrics.jsonl, "
-                     "report.json and tensorboard/ files would be replaced).")
+  raise WorkdirError(
+    f"--workdir {path} is not empty ({shown}) and is not a jaxcollab workdir; pass a new or empty "
+    "directory, or add --use_nonempty_workdir to write into it (its config.json, metrics.jsonl, "
+    "report.json and tensorboard/ files would be replaced)."
+  )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -150,23 +163,27 @@ class Lock:
     try:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-      raise WorkdirError(f"Cannot write to workdir {self.workdir} ({os_cause(e)}); make it writable or pass another "
-                         "--workdir (`jaxcollab eval` and `inspect` read a workdir without writing).") from e
+      raise WorkdirError(
+        f"Cannot write to workdir {self.workdir} ({os_cause(e)}); make it writable or pass another "
+        "--workdir (`jaxcollab eval` and `inspect` read a workdir without writing)."
+      ) from e
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       holder = self._holder(fd)
       os.close(fd)
       raise WorkdirError(
-          f"Workdir {self.workdir} is in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
-          f"(since {holder.get('since', '?')}); wait for that run to finish or stop it, or pass another --workdir."
+        f"Workdir {self.workdir} is in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+        f"(since {holder.get('since', '?')}); wait for that run to finish or stop it, or pass another --workdir."
       ) from None
     except OSError:  # A filesystem without locks: fall back to the holder's pid on this host.
       holder = self._holder(fd)
       if holder.get("host") == socket.gethostname() and _pid_alive(int(holder.get("pid", 0))):
         os.close(fd)
-        raise WorkdirError(f"Workdir {self.workdir} is in use by pid {holder['pid']} on this host; wait for it to "
-                           "finish or stop it, or pass another --workdir.") from None
+        raise WorkdirError(
+          f"Workdir {self.workdir} is in use by pid {holder['pid']} on this host; wait for it to "
+          "finish or stop it, or pass another --workdir."
+        ) from None
     previous = self._holder(fd)
     self._fd = fd
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now(), "command": " ".join(sys.argv)}
@@ -174,8 +191,10 @@ class Lock:
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, json.dumps(me).encode())
     if previous.get("pid"):
-      return (f"Took over the lock of workdir {self.workdir} left by pid {previous['pid']} on host "
-              f"{previous.get('host', '?')} (since {previous.get('since', '?')}), which is no longer running.")
+      return (
+        f"Took over the lock of workdir {self.workdir} left by pid {previous['pid']} on host "
+        f"{previous.get('host', '?')} (since {previous.get('since', '?')}), which is no longer running."
+      )
     return None
 
   def release(self) -> None:
@@ -214,8 +233,10 @@ def parse_allow_changes(text: str, config: ConfigDict | None = None) -> tuple[st
   valid = set(_flat(config_lib.defaults().to_dict())) | set(_flat(config.to_dict() if config is not None else {}))
   for key in keys:
     if key not in valid and not (key.endswith(".*") and any(v.startswith(key[:-1]) for v in valid)):
-      raise UserError(f"train.allow_changes names {key!r}, which is not a config key; list keys such as "
-                      "optimizer.learning_rate, separated by commas.")
+      raise UserError(
+        f"train.allow_changes names {key!r}, which is not a config key; list keys such as "
+        "optimizer.learning_rate, separated by commas."
+      )
   return keys
 
 
@@ -242,9 +263,10 @@ def check_resume(saved: dict[str, Any], config: ConfigDict, step: int, workdir: 
   if refused:
     listed = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in refused.items())
     raise WorkdirError(
-        f"Resuming {workdir} from step {step} would change how its checkpoints were computed ({listed}); rerun "
-        "with the values it was trained with, pass a new --workdir, or allow it deliberately with "
-        f"--config.train.allow_changes={','.join(refused)}.")
+      f"Resuming {workdir} from step {step} would change how its checkpoints were computed ({listed}); rerun "
+      "with the values it was trained with, pass a new --workdir, or allow it deliberately with "
+      f"--config.train.allow_changes={','.join(refused)}."
+    )
   return changes
 
 
@@ -297,9 +319,17 @@ class Workdir:
   def begin_segment(self, start: int, argv: list[str], changes: dict[str, list[Any]], **info: Any) -> None:
     """Appends this run's segment to run.json (after metrics.write_run_info rewrote the rest)."""
     self.changes = changes
-    self.segment = {"start_step": start, "end_step": start, "status": "running", "start_time": _now(),
-                    "host": socket.gethostname(), "pid": os.getpid(), "command": " ".join(argv),
-                    "config_changes": changes, **info}
+    self.segment = {
+      "start_step": start,
+      "end_step": start,
+      "status": "running",
+      "start_time": _now(),
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "command": " ".join(argv),
+      "config_changes": changes,
+      **info,
+    }
     self._write_segments()
 
   def end_segment(self, step: int | None, status: str) -> None:
@@ -351,4 +381,3 @@ def write_config(path: str, config_json: str) -> None:
   with open(file + ".tmp", "w") as f:
     f.write(config_json)
   os.replace(file + ".tmp", file)
-

@@ -16,17 +16,22 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import pytest
 
 import checkpoint_runs as runs
 from jaxcollab import checkpoint, errors, evaluate, main, metrics, records, train
-from jaxcollab import run as run_lib
 from jaxcollab import config as config_lib
+from jaxcollab import run as run_lib
 from jaxcollab import workdir as workdir_lib
 
-SMOKE = ["--config.model.hidden=32", "--config.train.steps=10", "--config.checkpoint.every=5",
-         "--config.train.eval_every=5", "--config.train.log_every=5", "--config.checkpoint.keep=10"]
+SMOKE = [
+  "--config.model.hidden=32",
+  "--config.train.steps=10",
+  "--config.checkpoint.every=5",
+  "--config.train.eval_every=5",
+  "--config.train.log_every=5",
+  "--config.checkpoint.keep=10",
+]
 
 
 def _train(workdir, *flags, experiment="mlp_digits:smoke") -> int:
@@ -36,8 +41,11 @@ def _train(workdir, *flags, experiment="mlp_digits:smoke") -> int:
 def _one_sentence(err: str, command: str = "train") -> str:
   """The error line; asserts at most 3 lines besides a started run's progress and INFO lines, no traceback."""
   assert "Traceback" not in err, err
-  lines = [line for line in err.splitlines()
-           if line.strip() and not line.startswith("step ") and not re.match(r"\d\d:\d\d:\d\d INFO ", line)]
+  lines = [
+    line
+    for line in err.splitlines()
+    if line.strip() and not line.startswith("step ") and not re.match(r"\d\d:\d\d:\d\d INFO ", line)
+  ]
   assert len(lines) <= 3, err
   errors = [line for line in lines if line.startswith(f"jaxcollab {command}: error: ")]
   assert len(errors) == 1, err
@@ -78,26 +86,26 @@ def _steps(workdir) -> tuple[int, ...]:
 # ---- Finding 4: values that are validated before anything is built --------------------------------
 
 BAD_VALUES = [
-    ("gpt_pydocs:smoke", "model.num_heads=0", "model.num_heads must be a positive integer, got 0"),
-    ("gpt_pydocs:smoke", "model.mlp_dim=0", "model.mlp_dim must be a positive integer, got 0"),
-    ("gpt_pydocs:smoke", "model.embed_dim=-8", "model.embed_dim must be a positive integer, got -8"),
-    ("gpt_pydocs:smoke", "model.num_layers=0", "model.num_layers must be a positive integer"),
-    ("gpt_pydocs:smoke", "model.context=0", "model.context must be a positive integer"),
-    ("cnn_digits:smoke", "model.features=(32,1.5)", "'model.features' must be a tuple of int"),
-    ("cnn_digits:smoke", "model.features=(32,'a')", "'model.features' must be a tuple of int"),
-    ("cnn_digits:smoke", "model.features=(32,-4)", "model.features must be a non-empty tuple of positive ints"),
-    ("mlp_digits:smoke", "seed=-1", "seed must be an integer in [0, 2**32), got -1"),
-    ("mlp_digits:smoke", "seed=4294967296", "seed must be an integer in [0, 2**32), got 4294967296"),
-    ("mlp_digits:smoke", "optimizer.b1=1.0", "optimizer.b1 and optimizer.b2 must be in [0, 1)"),
-    ("mlp_digits:smoke", "optimizer.b2=-0.5", "optimizer.b1 and optimizer.b2 must be in [0, 1)"),
-    ("mlp_digits:smoke", "dataset.num_workers=-2", "dataset.num_workers must be >= 0"),
-    ("gpt_pydocs:smoke", "dataset.seq_len=0", "dataset.seq_len must be a positive integer"),
-    ("mlp_digits:smoke", "mesh.rules=(('embed',),)", "mesh.rules entries must be pairs of strings"),
-    ("mlp_digits:smoke", "train.target=perplexity < 3", "train.target names 'perplexity', which this run never"),
-    ("gpt_pydocs:smoke", "train.target=accuracy >= 0.5", "train.target names 'accuracy', which this run never"),
-    ("mlp_digits:smoke", "train.allow_changes=model.widht", "train.allow_changes names 'model.widht'"),
-    # Finding 3: a model too large for the device, refused before anything is allocated.
-    ("gpt_pydocs:smoke", "model.embed_dim=65536", "Out of device memory before initialisation: the model has "),
+  ("gpt_pydocs:smoke", "model.num_heads=0", "model.num_heads must be a positive integer, got 0"),
+  ("gpt_pydocs:smoke", "model.mlp_dim=0", "model.mlp_dim must be a positive integer, got 0"),
+  ("gpt_pydocs:smoke", "model.embed_dim=-8", "model.embed_dim must be a positive integer, got -8"),
+  ("gpt_pydocs:smoke", "model.num_layers=0", "model.num_layers must be a positive integer"),
+  ("gpt_pydocs:smoke", "model.context=0", "model.context must be a positive integer"),
+  ("cnn_digits:smoke", "model.features=(32,1.5)", "'model.features' must be a tuple of int"),
+  ("cnn_digits:smoke", "model.features=(32,'a')", "'model.features' must be a tuple of int"),
+  ("cnn_digits:smoke", "model.features=(32,-4)", "model.features must be a non-empty tuple of positive ints"),
+  ("mlp_digits:smoke", "seed=-1", "seed must be an integer in [0, 2**32), got -1"),
+  ("mlp_digits:smoke", "seed=4294967296", "seed must be an integer in [0, 2**32), got 4294967296"),
+  ("mlp_digits:smoke", "optimizer.b1=1.0", "optimizer.b1 and optimizer.b2 must be in [0, 1)"),
+  ("mlp_digits:smoke", "optimizer.b2=-0.5", "optimizer.b1 and optimizer.b2 must be in [0, 1)"),
+  ("mlp_digits:smoke", "dataset.num_workers=-2", "dataset.num_workers must be >= 0"),
+  ("gpt_pydocs:smoke", "dataset.seq_len=0", "dataset.seq_len must be a positive integer"),
+  ("mlp_digits:smoke", "mesh.rules=(('embed',),)", "mesh.rules entries must be pairs of strings"),
+  ("mlp_digits:smoke", "train.target=perplexity < 3", "train.target names 'perplexity', which this run never"),
+  ("gpt_pydocs:smoke", "train.target=accuracy >= 0.5", "train.target names 'accuracy', which this run never"),
+  ("mlp_digits:smoke", "train.allow_changes=model.widht", "train.allow_changes names 'model.widht'"),
+  # Finding 3: a model too large for the device, refused before anything is allocated.
+  ("gpt_pydocs:smoke", "model.embed_dim=65536", "Out of device memory before initialisation: the model has "),
 ]
 
 
@@ -125,14 +133,18 @@ def test_out_of_memory_at_initialisation_is_one_sentence_not_a_hang(monkeypatch)
     raise train.jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 bytes.")
 
   monkeypatch.setattr(train.jax, "block_until_ready", exhausted)
-  with pytest.raises(errors.UserError, match=r"Out of device memory while initialising the parameters: the model "
-                     r"has 76,810 parameters .* train.batch_size=32, and a device has [\d.]+ GiB; lower model.hidden"):
+  with pytest.raises(
+    errors.UserError,
+    match=r"Out of device memory while initialising the parameters: the model "
+    r"has 76,810 parameters .* train.batch_size=32, and a device has [\d.]+ GiB; lower model.hidden",
+  ):
     train.ready(run.init_state(), run, "while initialising the parameters")
 
 
 def test_eval_batch_larger_than_the_split_is_clamped(caplog):
-  config = config_lib.apply_overrides(config_lib.load_experiment("mlp_digits:smoke"),
-                                      ["train.eval_batch_size=10000000"])
+  config = config_lib.apply_overrides(
+    config_lib.load_experiment("mlp_digits:smoke"), ["train.eval_batch_size=10000000"]
+  )
   with caplog.at_level("INFO"):
     run = run_lib.build(config, devices=train.jax.devices()[:8])
   assert run.config.train.eval_batch_size == 360  # The 360 test digits, a multiple of the 8 devices.
@@ -145,11 +157,19 @@ def _experiment(tmp_path, body: str) -> str:
   return str(path)
 
 
-@pytest.mark.parametrize("body, argv_suffix, needle", [
-    ("def get_config():\n  return config_lib.defaults()\n", ":smoke", "has no variants (its get_config() takes no argument); drop ':smoke'"),
+@pytest.mark.parametrize(
+  "body, argv_suffix, needle",
+  [
+    (
+      "def get_config():\n  return config_lib.defaults()\n",
+      ":smoke",
+      "has no variants (its get_config() takes no argument); drop ':smoke'",
+    ),
     ("def get_config(arg=None):\n  return 1 / 0\n", "", "failed (ZeroDivisionError: division by zero); fix the file"),
     ("def get_config(arg=None):\n  return {}\n", "", "returned dict; return an ml_collections.ConfigDict"),
-], ids=["no-arg-with-variant", "raises", "not-a-configdict"])
+  ],
+  ids=["no-arg-with-variant", "raises", "not-a-configdict"],
+)
 def test_broken_experiment_file_is_one_sentence(tmp_path, capsys, body, argv_suffix, needle):
   code = _train(tmp_path / "w", experiment=_experiment(tmp_path, body) + argv_suffix)
   line = _one_sentence(capsys.readouterr().err)
@@ -226,15 +246,21 @@ def test_malformed_metrics_line_train_names_it_and_inspect_skips_it(copy, capsys
   assert f"Skipping line 2 of {path}" in caplog.text
 
 
-@pytest.mark.parametrize("flags, needle", [
+@pytest.mark.parametrize(
+  "flags, needle",
+  [
     (["--config.model.activation=gelu"], 'model.activation "relu" -> "gelu"'),
-    (["--config.seed=7", "--config.optimizer.learning_rate=0.01"],
-     "optimizer.learning_rate 0.001 -> 0.01, seed 0 -> 7"),
+    (
+      ["--config.seed=7", "--config.optimizer.learning_rate=0.01"],
+      "optimizer.learning_rate 0.001 -> 0.01, seed 0 -> 7",
+    ),
     (["--config.loss.name=mse"], 'loss.name "cross_entropy" -> "mse"'),
     (["--config.dataset.augment=true"], "dataset.augment False -> True"),
     (["--config.optimizer.schedule=warmup_cosine"], 'optimizer.schedule "constant" -> "warmup_cosine"'),
     (["--config.model.hidden=64"], "model.hidden 32 -> 64"),  # Named by key, not only by its shapes.
-], ids=["activation", "seed-and-lr", "loss", "augment", "schedule", "width"])
+  ],
+  ids=["activation", "seed-and-lr", "loss", "augment", "schedule", "width"],
+)
 def test_resume_with_a_changed_computation_is_refused(copy, capsys, flags, needle):
   """Finding 1: the checkpoint's own config is compared; finished steps and rows stay."""
   before = snapshot(copy)
@@ -248,26 +274,35 @@ def test_resume_with_a_changed_computation_is_refused(copy, capsys, flags, needl
 
 
 def test_allowed_and_deliberate_changes_resume_and_are_recorded(copy, caplog):
-  flags = [*SMOKE, "--config.train.steps=15", "--config.model.activation=gelu",
-           "--config.train.allow_changes=model.activation"]
+  flags = [
+    *SMOKE,
+    "--config.train.steps=15",
+    "--config.model.activation=gelu",
+    "--config.train.allow_changes=model.activation",
+  ]
   with caplog.at_level("INFO"):
     assert _train(copy, *flags) == 0
   assert "Resuming from step 10 " in caplog.text
   assert _steps(copy) == (5, 10, 15)
   segments = workdir_lib.read_run_info(copy)["segments"]
-  assert [(s["start_step"], s["end_step"], s["status"]) for s in segments] == [(0, 10, "finished"),
-                                                                               (10, 15, "finished")]
-  assert segments[1]["config_changes"] == {"model.activation": ["relu", "gelu"],
-                                           "train.allow_changes": ["", "model.activation"],
-                                           "train.steps": [10, 15]}
+  assert [(s["start_step"], s["end_step"], s["status"]) for s in segments] == [
+    (0, 10, "finished"),
+    (10, 15, "finished"),
+  ]
+  assert segments[1]["config_changes"] == {
+    "model.activation": ["relu", "gelu"],
+    "train.allow_changes": ["", "model.activation"],
+    "train.steps": [10, 15],
+  }
   assert "--config.train.steps=15" in segments[1]["command"] or segments[1]["command"]
   with open(os.path.join(copy, "config.json")) as f:
     assert json.load(f)["model"]["activation"] == "gelu"  # config.json: what trained the newest segment.
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(copy, caplog):
-  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                        check=True)
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+  )
   with open(os.path.join(copy, workdir_lib.LOCK_FILE), "w") as f:
     json.dump({"host": "elsewhere", "pid": int(dead.stdout), "since": "2026-01-01T00:00:00+00:00"}, f)
   with caplog.at_level("WARNING"):
@@ -322,16 +357,34 @@ def test_progress_on_a_terminal_reporting_0_columns_prints_lines(monkeypatch, ca
 
 
 def _process_train(workdir, *flags, env=None, preexec_fn=None, timeout=300) -> subprocess.CompletedProcess:
-  argv = [sys.executable, "-m", "jaxcollab.main", "train", "--config", "mlp_digits:smoke", "--workdir", str(workdir),
-          *flags]
-  return subprocess.run(argv, env=env or runs.env(1), capture_output=True, text=True, timeout=timeout,
-                        preexec_fn=preexec_fn, cwd=runs.REPO, check=False)
+  argv = [
+    sys.executable,
+    "-m",
+    "jaxcollab.main",
+    "train",
+    "--config",
+    "mlp_digits:smoke",
+    "--workdir",
+    str(workdir),
+    *flags,
+  ]
+  return subprocess.run(
+    argv,
+    env=env or runs.env(1),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    preexec_fn=preexec_fn,
+    cwd=runs.REPO,
+    check=False,
+  )
 
 
 @pytest.mark.slow
 def test_full_disk_is_one_sentence_and_finished_steps_stay(copy):
   def limit_file_size():
     import resource  # pylint: disable=g-import-not-at-top
+
     resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))  # Like a full disk: writes fail (EFBIG).
 
   rows = records.read_metrics(copy)
@@ -345,7 +398,7 @@ def test_full_disk_is_one_sentence_and_finished_steps_stay(copy):
   assert {5, 10} <= set(_steps(copy))  # Nothing finished was lost; nothing half-written is visible.
   for step in _steps(copy):
     checkpoint.verify(os.path.join(runs.checkpoints(copy), str(step)), step)
-  assert records.read_metrics(copy)[:len(rows)] == rows
+  assert records.read_metrics(copy)[: len(rows)] == rows
   assert workdir_lib.read_run_info(copy)["segments"][-1]["status"] == "failed"
 
 
@@ -353,9 +406,24 @@ def test_full_disk_is_one_sentence_and_finished_steps_stay(copy):
 def test_two_writers_one_is_refused_and_the_workdir_stays_whole(tmp_path):
   workdir = tmp_path / "run"
   flags = ["--config.train.steps=100000", "--config.checkpoint.every=50"]
-  first = subprocess.Popen([sys.executable, "-m", "jaxcollab.main", "train", "--config", "mlp_digits:smoke",
-                            "--workdir", str(workdir), *flags], env=runs.env(1), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True, cwd=runs.REPO)
+  first = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "jaxcollab.main",
+      "train",
+      "--config",
+      "mlp_digits:smoke",
+      "--workdir",
+      str(workdir),
+      *flags,
+    ],
+    env=runs.env(1),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=runs.REPO,
+  )
   try:
     deadline = time.time() + 120
     while not os.path.exists(workdir / workdir_lib.LOCK_FILE) and time.time() < deadline:
@@ -379,9 +447,14 @@ def test_two_writers_one_is_refused_and_the_workdir_stays_whole(tmp_path):
 @pytest.mark.slow
 def test_sigterm_during_setup_exits_at_once(tmp_path):
   workdir = tmp_path / "run"
-  proc = subprocess.Popen([sys.executable, "-m", "jaxcollab.main", "train", "--config", "gpt_pydocs:smoke",
-                           "--workdir", str(workdir)], env=runs.env(1), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, cwd=runs.REPO)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "jaxcollab.main", "train", "--config", "gpt_pydocs:smoke", "--workdir", str(workdir)],
+    env=runs.env(1),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=runs.REPO,
+  )
   deadline = time.time() + 120
   while not os.path.exists(workdir / workdir_lib.LOCK_FILE) and time.time() < deadline:
     time.sleep(0.02)
@@ -405,8 +478,21 @@ def test_read_only_workdir_is_one_sentence(trained):
   shutil.copytree(trained, copy)
   before = snapshot(copy, ignore=())
   env = {**runs.env(1), "JAXCOLLAB_CACHE": "", "HOME": "/tmp", "PYTHONPATH": runs.REPO}
-  argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "jaxcollab.main",
-          "train", "--config", "mlp_digits:smoke", "--workdir", copy, *SMOKE]
+  argv = [
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    sys.executable,
+    "-m",
+    "jaxcollab.main",
+    "train",
+    "--config",
+    "mlp_digits:smoke",
+    "--workdir",
+    copy,
+    *SMOKE,
+  ]
   out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd="/tmp", check=False)
   assert out.returncode == 2, out.stderr
   line = _one_sentence(out.stderr)
@@ -418,6 +504,6 @@ def test_read_only_workdir_is_one_sentence(trained):
 def test_os_cause_reads_wrapped_errors():
   assert errors.os_cause(OSError(28, "No space left on device")) == "the disk is full"
   assert errors.os_cause(ValueError("OUT_OF_RANGE: Failed to write [os_error_code='27']")) == (
-      "a file size limit was reached")
+    "a file size limit was reached"
+  )
   assert errors.os_cause(ValueError("something else")) == "something else"
-  assert np.isscalar(len(BAD_VALUES)) and len(BAD_VALUES) >= 19

@@ -23,7 +23,7 @@ def _section(title: str) -> str:
     text = f.read()
   start = text.index(f"\n## {title}\n")
   end = text.find("\n## ", start + 1)
-  return text[start:end if end >= 0 else None]
+  return text[start : end if end >= 0 else None]
 
 
 def _blocks(text: str) -> list[tuple[str, str]]:
@@ -38,20 +38,26 @@ def test_the_checkpoints_section_has_runnable_blocks():
 @pytest.mark.slow
 def test_checkpoints_section_runs_as_written(tmp_path):
   os.symlink(os.path.join(runs.REPO, "experiments"), tmp_path / "experiments")  # As in a checkout.
-  env = {**runs.env(1), "PYTHONPATH": runs.REPO,
-         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+  env = {
+    **runs.env(1),
+    "PYTHONPATH": runs.REPO,
+    "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+  }
   for lang, code in _blocks(_section("Checkpoints")):
     argv = ["bash", "-e", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
     out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, f"{code}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
-  assert sorted(int(s) for s in os.listdir(tmp_path / "runs/mlp_digits/checkpoints") if s.isdigit()) == [500, 1000,
-                                                                                                         1200]
+  assert sorted(int(s) for s in os.listdir(tmp_path / "runs/mlp_digits/checkpoints") if s.isdigit()) == [
+    500,
+    1000,
+    1200,
+  ]
 
 
 def _kept_steps(experiment: str) -> set[int]:
   c = config_lib.load_experiment(experiment)
   saved = sorted({*range(c.checkpoint.every, c.train.steps + 1, c.checkpoint.every), c.train.steps})
-  return set(saved[-c.checkpoint.keep:])
+  return set(saved[-c.checkpoint.keep :])
 
 
 def test_every_step_the_readme_names_is_one_its_run_keeps():

@@ -30,8 +30,10 @@ def test_lock_is_exclusive_names_its_holder_and_empties_on_release(tmp_path):
 
 
 def test_lock_of_a_killed_process_is_taken_over_with_a_notice(tmp_path):
-  code = ("import sys, time; from jaxcollab import workdir; workdir.Lock(sys.argv[1]).acquire(); print('held', "
-          "flush=True); time.sleep(60)")
+  code = (
+    "import sys, time; from jaxcollab import workdir; workdir.Lock(sys.argv[1]).acquire(); print('held', "
+    "flush=True); time.sleep(60)"
+  )
   proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
   assert proc.stdout.readline().strip() == "held"
   with pytest.raises(workdir_lib.WorkdirError, match=f"in use by pid {proc.pid}"):
@@ -75,17 +77,25 @@ def test_config_changes_compare_json_values_of_keys_both_have():
 def test_check_resume_refuses_computation_keys_and_allows_the_rest(tmp_path):
   saved = json.loads(config_lib.to_json(_config()))
   allowed = _config(train__steps=2000, checkpoint__keep=9, mesh__fsdp=2, train__eval_every=7)
-  assert set(workdir_lib.check_resume(saved, allowed, 10, "W")) == {"train.steps", "checkpoint.keep", "mesh.fsdp",
-                                                                    "train.eval_every"}
+  assert set(workdir_lib.check_resume(saved, allowed, 10, "W")) == {
+    "train.steps",
+    "checkpoint.keep",
+    "mesh.fsdp",
+    "train.eval_every",
+  }
   with pytest.raises(workdir_lib.WorkdirError) as e:
     workdir_lib.check_resume(saved, _config(seed=3, optimizer__learning_rate=0.5), 10, "W")
   assert str(e.value) == (
-      "Resuming W from step 10 would change how its checkpoints were computed (optimizer.learning_rate 0.001 -> "
-      "0.5, seed 0 -> 3); rerun with the values it was trained with, pass a new --workdir, or allow it "
-      "deliberately with --config.train.allow_changes=optimizer.learning_rate,seed.")
+    "Resuming W from step 10 would change how its checkpoints were computed (optimizer.learning_rate 0.001 -> "
+    "0.5, seed 0 -> 3); rerun with the values it was trained with, pass a new --workdir, or allow it "
+    "deliberately with --config.train.allow_changes=optimizer.learning_rate,seed."
+  )
   deliberate = _config(seed=3, optimizer__learning_rate=0.5, train__allow_changes="seed, optimizer.*")
-  assert set(workdir_lib.check_resume(saved, deliberate, 10, "W")) == {"seed", "optimizer.learning_rate",
-                                                                       "train.allow_changes"}
+  assert set(workdir_lib.check_resume(saved, deliberate, 10, "W")) == {
+    "seed",
+    "optimizer.learning_rate",
+    "train.allow_changes",
+  }
 
 
 def test_allow_changes_names_real_keys_only():
@@ -103,8 +113,10 @@ def test_segments_accumulate_in_run_json(tmp_path):
     wd.end_segment(end, "finished")
     wd.close()
   segments = workdir_lib.read_run_info(str(tmp_path))["segments"]
-  assert [(s["start_step"], s["end_step"], s["status"]) for s in segments] == [(0, 10, "finished"),
-                                                                               (10, 25, "finished")]
+  assert [(s["start_step"], s["end_step"], s["status"]) for s in segments] == [
+    (0, 10, "finished"),
+    (10, 25, "finished"),
+  ]
   assert segments[1]["config_changes"] == {"train.steps": [10, 25]} and segments[1]["pid"] == os.getpid()
 
 
