@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 SETUP, TRAIN, EVAL = "setup", "train", "eval"
 
@@ -33,7 +34,7 @@ class Stop:
     self.signum: int | None = None
     self.setup_note = "nothing new to save"  # The line printed when a signal ends setup.
     self._on_exit: list[Callable[[], None]] = []
-    self._handlers: dict[int, object] = {}
+    self._handlers: dict[int, Any] = {}
     self._pipe: tuple[int, int] | None = None
     self._old_wakeup = -1
 

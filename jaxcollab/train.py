@@ -205,7 +205,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, use_nonempty_workdir
   return result
 
 
-def _train(run: Run, wd: workdir_lib.Workdir, stop: stop_lib.Stop, target, is_main: bool) -> tuple[dict, bool]:
+def _train(run: Run, wd: workdir_lib.Workdir, stop: stop_lib.Stop, target: tuple[str, str, float] | None,
+           is_main: bool) -> tuple[dict[str, float], bool]:
   """The loop on an open workdir; returns (final metrics or {}, whether a signal stopped it)."""
   config, info, workdir = run.config, run.dataset.info, wd.path
   train_iter = run.dataset.train_iterator(
@@ -284,14 +285,12 @@ def _train(run: Run, wd: workdir_lib.Workdir, stop: stop_lib.Stop, target, is_ma
         break
     logger.flush()
     progress.close()  # Before the classification report, which would otherwise start on the bar's line.
-    result = {}
-    if not stopped:
-      result = _evaluate(evaluator, state, stop, final=(workdir, is_main))
-      stopped = result is None
+    final = None if stopped else _evaluate(evaluator, state, stop, final=(workdir, is_main))
+    stopped = final is None
+    result = final or {}
     if stopped:
       logging.warning("Stopped by %s at step %d: checkpoint saved in %s; run the same command to resume.",
                       checkpointer.stop_reason, step, os.path.join(checkpointer.directory, str(step)))
-      result = {}
     elif step > start:
       writer.write(step, "test" if info.eval_split == "test" else "eval_final", result)
     ok = True

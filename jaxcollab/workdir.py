@@ -68,10 +68,10 @@ def quiet_terminal() -> None:
       handler.addFilter(_console_filter)
   logging.captureWarnings(True)  # e.g. jax's "Error writing persistent compilation cache entry" on a full disk.
   threading.excepthook = lambda args: _DETAIL.error(
-    "In thread %s:", getattr(args.thread, "name", "?"), exc_info=(args.exc_type, args.exc_value, args.exc_traceback)
+    "In thread %s:", getattr(args.thread, "name", "?"), exc_info=args.exc_value or True
   )
   sys.unraisablehook = lambda u: _DETAIL.error(
-    "Unraisable in %r: %s", u.object, u.err_msg or "", exc_info=(u.exc_type, u.exc_value, u.exc_traceback)
+    "Unraisable in %r: %s", u.object, u.err_msg or "", exc_info=u.exc_value or True
   )
 
 
