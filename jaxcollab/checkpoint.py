@@ -173,7 +173,8 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._empty_trash()
     self.last_saved = -1
-    self.eval_step, self.eval_metrics = -1, {}  # The newest evaluation, saved so that a resume knows it.
+    self.eval_step = -1  # The newest evaluation, saved so that a resume knows it.
+    self.eval_metrics: dict[str, float] = {}
     self._writing = -1
     self.stop = stop  # A jaxcollab.stop.Stop that catches SIGTERM/SIGINT (one process), or None.
 

@@ -161,7 +161,7 @@ def load_experiment(path: str, arg: str | None = None) -> ConfigDict:
     raise
   except Exception as e:  # A broken get_config is the user's to fix; say where.
     raise ConfigError(f"get_config() in {path!r} failed ({type(e).__name__}: {e}); fix the file.") from e
-  if not isinstance(config, ConfigDict):
+  if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"get_config() in {path!r} returned {type(config).__name__}; return an "
                       "ml_collections.ConfigDict.")
   check_keys(config)
@@ -173,7 +173,7 @@ def flat(config: ConfigDict, prefix: str = "") -> dict[str, Any]:
   out = {}
   for key, value in config.items():
     name = f"{prefix}{key}"
-    if isinstance(value, ConfigDict):
+    if isinstance(value, ml_collections.ConfigDict):
       out.update(flat(value, name + "."))
     else:
       out[name] = value

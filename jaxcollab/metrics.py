@@ -67,7 +67,7 @@ class MetricWriter:
 
   def write(self, step: int, split: str, values: dict[str, float]) -> None:
     """Logs one row {"step", "split", **values} to both sinks and flushes them."""
-    if not self.enabled:
+    if self._file is None or self._tb is None:  # Not process 0, or closed.
       return
     values = {k: _python_value(v) for k, v in values.items()}
     # json writes floats with repr(), which round-trips exactly.

@@ -125,7 +125,8 @@ def load(path: str, step: int | None = None):
     checkpoint.verify(ref.path, ref.step)
     config = read_config(ref)
     meta = read_meta(ref)
-    info = data.DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["dataset"].items()})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["dataset"].items()}
+    info = data.DatasetInfo(**fields)
     model = models.build(config, info)
     expected = checkpoint.model_part(jax.eval_shape(lambda: nn.unbox(run_lib.init_variables(model, info, config.seed))))
     checkpoint.check_structure(checkpoint.model_part(checkpoint.read_state_metadata(ref.path, ref.step)), expected, ref.path)
@@ -169,7 +170,8 @@ def describe(path: str, step: int | None = None) -> dict[str, Any]:
     integrity = str(e)
   with _reading(ref):
     tree, config, meta = checkpoint.read_state_metadata(ref.path, ref.step), checkpoint.read_json(ref.path, ref.step, checkpoint.CONFIG), read_meta(ref)
-  arrays, totals = [], {}
+  arrays: list[dict[str, Any]] = []
+  totals: dict[str, dict[str, int]] = {}
   for name, leaf in _flat_leaves(tree):
     shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
     count = int(np.prod(shape, dtype=np.int64))

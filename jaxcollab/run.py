@@ -59,8 +59,10 @@ def model_input(batch: Batch) -> jax.Array:
 def example_batch(info: data.DatasetInfo) -> dict[str, np.ndarray]:
   """A one-example batch of zeros with the dataset's shapes and dtypes."""
   if info.kind == "image":
+    assert info.image_shape is not None
     return {"image": np.zeros((1, *info.image_shape), np.float32), "label": np.zeros((1,), np.int32),
             "mask": np.ones((1,), np.float32)}
+  assert info.seq_len is not None
   return {"inputs": np.zeros((1, info.seq_len), np.int32), "targets": np.zeros((1, info.seq_len), np.int32),
           "mask": np.ones((1, info.seq_len), np.float32)}
 

@@ -123,7 +123,7 @@ def check_batch(global_batch: int, mesh: Mesh, key: str = "train.batch_size") ->
 def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
   """[start, stop) of the global batch rows that this process's devices hold."""
   indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values()
-  rows = sorted({idx[0].indices(global_batch)[:2] for idx in indices})
+  rows = sorted({idx[0].indices(global_batch)[:2] for idx in indices if idx is not None})
   start, stop = rows[0][0], rows[-1][1]
   if sum(b - a for a, b in rows) != stop - start:
     raise UserError(f"This mesh gives process {jax.process_index()} non-contiguous batch rows {rows}; "
@@ -139,7 +139,7 @@ def check_params(param_specs: PyTree, abstract_params: PyTree, mesh: Mesh, rules
   shapes = jax.tree.leaves(abstract_params)
   for (path, logical), leaf in zip(specs, shapes):
     physical = nn.logical_to_mesh_axes(tuple(logical), rules)
-    for name, axes, size in zip(logical, physical, leaf.shape):
+    for name, axes, size in zip(logical, tuple(physical or ()), leaf.shape):
       axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
       ways = math.prod(mesh.shape[a] for a in axes)
       if size % ways:
@@ -176,7 +176,7 @@ def logical_specs(abstract_boxed: PyTree) -> PyTree:
 
 def state_specs(abstract_state: PyTree, param_specs: PyTree) -> PyTree:
   """Logical specs for a TrainState: optimizer moments follow their parameters, the rest replicates."""
-  params = jax.tree.structure(abstract_state.params)
+  params: Any = jax.tree.structure(abstract_state.params)
   like_params = lambda node: jax.tree.structure(node) == params
   # Every subtree of the optimizer state shaped like the parameters (Adam's mu and nu, momentum,
   # accumulated gradients) is sharded like them; counters and the like are replicated scalars.

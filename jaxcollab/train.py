@@ -91,7 +91,7 @@ class StepLogger:
                start: int, per_batch: int, unit: str):
     self.writer, self.progress, self.config = writer, progress, config
     self.per_batch, self.unit = per_batch, unit
-    self.pending = None  # (step, device metrics) not yet pulled to the host.
+    self.pending: tuple[int, dict[str, jax.Array]] | None = None  # (step, device metrics) not yet on the host.
     self.last_step, self.last_time = start, time.perf_counter()
 
   def push(self, step: int, device_metrics: dict[str, jax.Array]) -> None:
