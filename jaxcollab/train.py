@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from jaxcollab import checkpoint, evaluate, metrics, plots, records, reload, sharding
 from jaxcollab import config as config_lib
@@ -184,7 +185,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, use_nonempty_workdir
     workdir_lib.parse_allow_changes(config.train.allow_changes, config)
     check_memory(run)
     is_main = jax.process_index() == 0
-    wd = workdir_lib.Workdir(workdir, writer=is_main, use_nonempty=use_nonempty_workdir).open()
+    wd = _open_workdir(workdir, is_main, use_nonempty_workdir)
     stop.at_exit(wd.close)
     try:
       result, stopped = _train(run, wd, stop, target, is_main)
@@ -200,9 +201,26 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, use_nonempty_workdir
       raise
     finally:
       wd.close()
-  if is_main and not stopped:
-    plots.plot_curves(records.read_metrics(workdir), os.path.join(workdir, "plots", "curves.png"))
   return result
+
+
+def _open_workdir(path: str, is_main: bool, use_nonempty: bool) -> workdir_lib.Workdir:
+  """Process 0 checks and locks the workdir; every process learns the outcome, so none waits on one that exited."""
+  wd = workdir_lib.Workdir(path, writer=is_main, use_nonempty=use_nonempty)
+  error = None
+  try:
+    wd.open()
+  except UserError as e:
+    error = e
+  if jax.process_count() > 1:
+    ok = np.asarray(multihost_utils.process_allgather(np.int32(error is None))).reshape(-1)
+    if error is None and not ok.all():
+      wd.close()
+      failed = [i for i, flag in enumerate(ok) if not flag]
+      raise workdir_lib.WorkdirError(f"Process(es) {failed} could not use --workdir {path}; see their message.")
+  if error is not None:
+    raise error
+  return wd
 
 
 def _train(run: Run, wd: workdir_lib.Workdir, stop: stop_lib.Stop, target: tuple[str, str, float] | None,
@@ -300,6 +318,8 @@ def _train(run: Run, wd: workdir_lib.Workdir, stop: stop_lib.Stop, target: tuple
     checkpointer.close(raise_errors=ok)  # Awaits background writes; after an error, only logs theirs.
     if writer is not None:
       writer.close()
+  if is_main and not stopped:  # Still under the lock, and a full disk here is one sentence too.
+    plots.plot_curves(records.read_metrics(workdir), os.path.join(workdir, "plots", "curves.png"))
   wd.end_segment(step, "stopped" if stopped else "finished")
   return result, stopped
 

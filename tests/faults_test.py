@@ -507,3 +507,46 @@ def test_os_cause_reads_wrapped_errors():
     "a file size limit was reached"
   )
   assert errors.os_cause(ValueError("something else")) == "something else"
+
+
+@pytest.mark.slow
+def test_busy_workdir_stops_every_process_of_a_multi_process_run(tmp_path):
+  """Process 0 is refused the lock; process 1 must learn it and exit too, not wait on collectives."""
+  import multihost_test as multihost  # pylint: disable=g-import-not-at-top  # Its launch helpers.
+
+  workdir = tmp_path / "run"
+  os.makedirs(workdir)
+  holder = workdir_lib.Lock(str(workdir))
+  holder.acquire()
+  try:
+    port = multihost.free_port()
+    logs = [str(tmp_path / f"process_{i}.log") for i in range(2)]
+    procs = [
+      multihost.start(
+        [
+          "train",
+          "--config",
+          multihost.EXPERIMENT,
+          "--workdir",
+          str(workdir),
+          "--coordinator_address",
+          f"127.0.0.1:{port}",
+          "--num_processes",
+          "2",
+          "--process_id",
+          str(i),
+          "--init_timeout",
+          "60",
+        ],
+        4,
+        logs[i],
+      )
+      for i in range(2)
+    ]
+    assert multihost.finish(procs, logs, timeout=180) == [2, 2], [open(log).read()[-2000:] for log in logs]
+  finally:
+    holder.release()
+  first, second = (open(log).read() for log in logs)
+  assert f"Workdir {workdir} is in use by pid {os.getpid()}" in first
+  assert f"Process(es) [0] could not use --workdir {workdir}" in second
+  assert "Traceback" not in first + second
