@@ -109,9 +109,18 @@ def check_directory(path: str) -> None:
     raise WorkdirError(f"--workdir {path} lies under {parent}, which is a file; pass a path in a directory.")
 
 
+def _our_checkpoints(path: str) -> bool:
+  """A checkpoints/ directory holding only what jaxcollab's Checkpointer writes there (or nothing yet)."""
+  try:
+    names = os.listdir(os.path.join(path, "checkpoints"))
+  except OSError:
+    return False
+  return all(n.split(".")[0].isdigit() or n == ".deleted" for n in names)
+
+
 def is_workdir(path: str) -> bool:
   """True for a directory that jaxcollab trained into (or started to)."""
-  if os.path.exists(os.path.join(path, LOCK_FILE)) or os.path.isdir(os.path.join(path, "checkpoints")):
+  if os.path.exists(os.path.join(path, LOCK_FILE)) or _our_checkpoints(path):
     return True
   try:
     with open(os.path.join(path, RUN_FILE)) as f:

@@ -54,6 +54,11 @@ def test_what_counts_as_a_workdir(tmp_path):
   assert workdir_lib.is_workdir(str(tmp_path))
   os.remove(tmp_path / "run.json")
   os.mkdir(tmp_path / "checkpoints")
+  (tmp_path / "checkpoints" / "epoch=1.ckpt").write_text("")  # Another framework's checkpoints.
+  assert not workdir_lib.is_workdir(str(tmp_path))
+  os.remove(tmp_path / "checkpoints" / "epoch=1.ckpt")
+  for name in ("500", "1000.orbax-checkpoint-tmp-17", ".deleted", "20.corrupt"):
+    os.mkdir(tmp_path / "checkpoints" / name)
   assert workdir_lib.is_workdir(str(tmp_path))
   workdir_lib.check_owned(str(tmp_path / "new"))  # Missing or empty directories are fine.
 
