@@ -356,39 +356,19 @@ def test_progress_on_a_terminal_reporting_0_columns_prints_lines(monkeypatch, ca
 # ---- Real processes: a full disk, two writers, a signal in setup, a read-only workdir ---------------
 
 
-def _process_train(workdir, *flags, env=None, preexec_fn=None, timeout=300) -> subprocess.CompletedProcess:
-  argv = [
-    sys.executable,
-    "-m",
-    "jaxcollab.main",
-    "train",
-    "--config",
-    "mlp_digits:smoke",
-    "--workdir",
-    str(workdir),
-    *flags,
-  ]
+def _process_train(workdir, *flags, prefix=(), timeout=300) -> subprocess.CompletedProcess:
+  argv = [*prefix, sys.executable, "-m", "jaxcollab.main", "train", "--config", "mlp_digits:smoke"]
+  argv += ["--workdir", str(workdir), *flags]
   return subprocess.run(
-    argv,
-    env=env or runs.env(1),
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    preexec_fn=preexec_fn,
-    cwd=runs.REPO,
-    check=False,
+    argv, env=runs.env(1), capture_output=True, text=True, timeout=timeout, cwd=runs.REPO, check=False
   )
 
 
 @pytest.mark.slow
 def test_full_disk_is_one_sentence_and_finished_steps_stay(copy):
-  def limit_file_size():
-    import resource  # pylint: disable=g-import-not-at-top
-
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))  # Like a full disk: writes fail (EFBIG).
-
   rows = records.read_metrics(copy)
-  out = _process_train(copy, *SMOKE, "--config.train.steps=20", preexec_fn=limit_file_size)
+  # Files over 16 KiB cannot grow, as on a full disk (EFBIG instead of ENOSPC); set by the shell, not by a fork.
+  out = _process_train(copy, *SMOKE, "--config.train.steps=20", prefix=("bash", "-c", 'ulimit -f 16 && exec "$@"', "-"))
   assert out.returncode == 2, out.stderr
   line = _one_sentence(out.stderr)  # (Which write hits the limit first varies: a checkpoint, a plot.)
   assert ": a file size limit was reached; free disk space" in line, line
