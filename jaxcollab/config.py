@@ -98,6 +98,7 @@ def defaults() -> ConfigDict:
       ("conv_out", "fsdp"),
       ("classes", ""),
       ("norm", ""),
+      ("layers", ""),  # The stacked axis of model.scan_layers: every device holds all layers of its shard.
   )
   return c
 

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+import jaxcollab
 from jaxcollab import config as config_lib
 from jaxcollab import runtime
 from jaxcollab.errors import UserError
@@ -33,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
   ev = sub.add_parser("eval", allow_abbrev=False, help="re-evaluate a saved step on its eval split",
                       description="Evaluate the newest (or --step N) checkpoint of a workdir on its eval split.")
-  ev.add_argument("--workdir", required=True, help="run directory or a checkpoint step directory")
+  ev.add_argument("--workdir", required=True, help="run directory, a checkpoint step directory or an exported bundle")
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
 
   ins = sub.add_parser("inspect", allow_abbrev=False, help="show a checkpoint's steps, config, metadata and parameters",
@@ -41,7 +42,41 @@ def _parser() -> argparse.ArgumentParser:
   ins.add_argument("path", help="workdir, its checkpoints/ directory, or one step directory")
   ins.add_argument("--step", type=int, default=None, help="step to describe (default: newest)")
   ins.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+  _add_use_commands(sub)
   return parser
+
+
+def _add_use_commands(sub) -> None:
+  """sample, predict, export: the commands that use a trained model (README 'Use a trained model')."""
+  source = "run directory, a checkpoint step directory or an exported bundle"
+  sa = sub.add_parser("sample", allow_abbrev=False, help="generate text from a GPT run or bundle",
+                      description="Continue a prompt with a GPT's KV cache; a single sample streams to stdout.")
+  sa.add_argument("--workdir", required=True, help=source)
+  sa.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  sa.add_argument("--prompt", required=True, help="text to continue (UTF-8; the model reads bytes)")
+  sa.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate per sample")
+  sa.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
+  sa.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest bytes; 0 = all")
+  sa.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with mass >= P, in (0, 1]")
+  sa.add_argument("--num-samples", type=int, default=1, help="independent samples, decoded as one batch")
+  sa.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same text")
+
+  pr = sub.add_parser("predict", allow_abbrev=False, help="classify images with an image-model run or bundle",
+                      description="Top classes for PNG/JPEG/.npy files, resized and scaled as in training.")
+  pr.add_argument("--workdir", required=True, help=source)
+  pr.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  pr.add_argument("files", nargs="+", help="PNG, JPEG (anything Pillow reads) or .npy files")
+  pr.add_argument("--top-k", type=int, default=3, help="classes shown per image")
+  pr.add_argument("--invert", action="store_true", help="swap light and dark (dark ink on white paper)")
+  pr.add_argument("--json", action="store_true", help="print one JSON list instead of text")
+
+  ex = sub.add_parser("export", allow_abbrev=False, help="write a step as a bundle or a Hugging Face GPT-2",
+                      description="Write a self-contained bundle (safetensors, config, model card) or, with "
+                                  "--format hf, a transformers GPT2LMHeadModel directory.")
+  ex.add_argument("--workdir", required=True, help=source)
+  ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  ex.add_argument("--out", required=True, help="new directory to write")
+  ex.add_argument("--format", default="bundle", choices=("bundle", "hf"), help="bundle (default) or hf")
 
 
 def _env_int(name: str) -> int | None:
@@ -114,6 +149,34 @@ def _inspect(args: argparse.Namespace) -> None:
   print("(--json gives every array, optimizer state included, and the full config)")
 
 
+def _sample(args: argparse.Namespace) -> None:
+  runtime.configure()
+
+  jaxcollab.sample(args.workdir, args.prompt, step=args.step, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_samples=args.num_samples,
+                   seed=args.seed, stream=sys.stdout)
+
+
+def _predict(args: argparse.Namespace) -> None:
+  runtime.configure()
+
+  results = jaxcollab.predict(args.workdir, args.files, step=args.step, top_k=args.top_k, invert=args.invert)
+  if args.json:
+    print(json.dumps(results, indent=2))
+    return
+  for r in results:
+    print(f"{r['input']}: " + ", ".join(f"{t['name']} {t['probability']:.3f}" for t in r["top"]))
+
+
+def _export(args: argparse.Namespace) -> None:
+  runtime.configure()
+  from jaxcollab import export  # pylint: disable=g-import-not-at-top  # After configure: see _train.
+
+  out = export.export(args.workdir, args.out, step=args.step, fmt=args.format)
+  print(f"Wrote {out}" + (" (load it with transformers.GPT2LMHeadModel.from_pretrained)" if args.format == "hf"
+                          else " (jaxcollab.load, or --workdir of eval/sample/predict)"))
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs one subcommand; returns the process exit code."""
   argv = sys.argv[1:] if argv is None else argv
@@ -124,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
   if stray or (overrides and args.command != "train"):
     parser.error(f"unrecognized arguments: {' '.join(stray or overrides)}")
   try:
-    {"train": lambda: _train(args, overrides), "eval": lambda: _eval(args), "inspect": lambda: _inspect(args)}[
+    {"train": lambda: _train(args, overrides), "eval": lambda: _eval(args), "inspect": lambda: _inspect(args),
+     "sample": lambda: _sample(args), "predict": lambda: _predict(args), "export": lambda: _export(args)}[
         args.command]()
   except (UserError, FileNotFoundError) as e:
     print(f"jaxcollab {args.command}: error: {e}", file=sys.stderr)

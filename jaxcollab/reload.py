@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxcollab import checkpoint, data, models, pytree, records
+from jaxcollab import bundle, checkpoint, data, models, pytree, records
 from jaxcollab import config as config_lib
 from jaxcollab import run as run_lib
 from jaxcollab.config import ConfigDict
@@ -84,7 +84,7 @@ def read_config(ref: StepRef) -> ConfigDict:
   """The config a step was trained with."""
   config = config_lib.from_json(json.dumps(checkpoint.read_json(ref.path, ref.step, checkpoint.CONFIG)))
   # Older versions saved every model's keys; keep those this model reads.
-  return models.resolve(config_lib.validate(config), drop_unread=True)
+  return models.portable(models.resolve(config_lib.validate(config), drop_unread=True))
 
 
 def read_meta(ref: StepRef) -> dict:
@@ -119,7 +119,10 @@ def read_state_numpy(ref: StepRef, keys: tuple[str, ...] | None = None, verified
 
 
 def load(path: str, step: int | None = None):
-  """(model, variables, config) of a saved step, on this process's default device."""
+  """(model, variables, config) of a saved step or an exported bundle, on this process's default device."""
+  if bundle.is_bundle(path):
+    loaded = bundle.read(path, step)
+    return loaded.model, loaded.variables, loaded.config
   ref = resolve(path, step)
   with _reading(ref):
     checkpoint.verify(ref.path, ref.step)
@@ -132,6 +135,17 @@ def load(path: str, step: int | None = None):
     checkpoint.check_structure(checkpoint.model_part(checkpoint.read_state_metadata(ref.path, ref.step)), expected, ref.path)
     variables = jax.device_put(read_state_numpy(ref, keys=("params", "batch_stats"), verified=True))
   return model, variables, config
+
+
+def open_model(path: str, step: int | None = None) -> bundle.Loaded:
+  """A workdir's step or a bundle, with its dataset description and metadata (what `sample`/`predict` need)."""
+  if bundle.is_bundle(path):
+    return bundle.read(path, step)
+  ref = resolve(path, step)
+  model, variables, config = load(ref.path)
+  meta = read_meta(ref)
+  dataset = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["dataset"].items()}
+  return bundle.Loaded(model, variables, config, dataset, ref.step, meta)
 
 
 def init_from(state: run_lib.TrainState, path: str) -> run_lib.TrainState:

@@ -246,6 +246,21 @@ def test_fallback_moves_the_damaged_step_aside_and_redoes_it_exactly(workdir, co
   assert runs.rows(copy) == runs.rows(workdir)
 
 
+def test_restore_failure_with_intact_files_is_not_called_damage(copy, monkeypatch, capsys):
+  """Out of memory (or any orbax/filesystem error) on intact files: named as it is, no step moved."""
+
+  def out_of_memory(*args, **kwargs):
+    raise MemoryError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 7.2GiB")
+
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "restore", out_of_memory)
+  before = runs.entries(copy)
+  assert _train(copy, "--config.train.steps=30", "--config.checkpoint.fallback=true") == 2
+  line = _error_line(capsys, "train")
+  assert "Checkpoint step 20" in line and "could not be restored (MemoryError: RESOURCE_EXHAUSTED" in line
+  assert "damaged" not in line and "delete" not in line
+  assert runs.entries(copy) == before  # fallback=true moved nothing aside: the step is good.
+
+
 @pytest.mark.parametrize("where", ["orbax-item", "checksums"])
 def test_failed_background_write_is_reported(monkeypatch, tmp_path, capsys, where):
   disk_full = OSError(28, "No space left on device")

@@ -15,10 +15,10 @@ LAYERS = {
     "errors": 0,
     "config": 1, "pytree": 1, "runtime": 1, "records": 1, "stop": 1,
     "data": 2, "models": 2, "losses": 2, "optim": 2, "sharding": 2, "checkpoint": 2, "metrics": 2, "workdir": 2,
-    "plots": 3,
+    "plots": 3, "bundle": 3,
     "run": 4,
     "reload": 5,
-    "evaluate": 6,
+    "evaluate": 6, "infer": 6, "export": 6,
     "train": 7,
     "main": 9,
 }

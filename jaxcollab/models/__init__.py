@@ -72,6 +72,16 @@ def resolve(config: ConfigDict, overridden: Collection[str] = (), drop_unread: b
   return config
 
 
+def portable(config: ConfigDict) -> ConfigDict:
+  """A saved config made readable on any machine: the model's PORTABLE keys (kernel choices such as
+  the GPT's attention, which change speed, not results) take their machine-independent values."""
+  config = ConfigDict(config.to_dict())
+  for key, value in getattr(get(config.model.name), "PORTABLE", {}).items():
+    if key in config.model:
+      config.model[key] = value
+  return config
+
+
 def build(config: ConfigDict, info: Any) -> nn.Module:
   """The module that `config.model.name` names, built for the dataset described by `info`."""
   # Checked against the dataset it is built for (a saved run's, or a test's), not config.dataset.

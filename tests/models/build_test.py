@@ -2,6 +2,7 @@
 
 import collections
 import functools
+import types
 
 import flax.linen as nn
 import jax
@@ -166,3 +167,14 @@ def test_sharded_over_data_fsdp_tensor_matches_unsharded(name):
   x_sharded = jax.device_put(x, sharding.batch_sharding(mesh))
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   np.testing.assert_allclose(apply(sharded, x_sharded), apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_cudnn_run_reads_back_on_a_cpu():
+  config = config_lib.load_experiment("gpt_pydocs", "smoke")
+  config.model.attention = "cudnn"
+  info = types.SimpleNamespace(vocab_size=256, seq_len=32)
+  with pytest.raises(ValueError, match="model.attention=cudnn is impossible here"):
+    models.build(config, info)  # Training with it on a CPU is refused ...
+  readable = models.portable(config)  # ... but reading a saved run made with it works anywhere.
+  assert readable.model.attention == "auto" and config.model.attention == "cudnn"
+  assert models.build(readable, info).config.attention == "xla"  # What auto resolves to on a CPU.
