@@ -31,7 +31,10 @@ class NonFiniteLossError(UserError):
   """The loss became NaN or Inf; training stops and the finished checkpoints stay as they are."""
 
 
-<<<<<<< HEAD
+class BundleError(UserError):
+  """An exported bundle is missing a file, is damaged, or does not fit its config."""
+
+
 # Where a workdir keeps the full detail of every error (tracebacks, library logs); the terminal gets one sentence.
 LOG_FILE = "jaxcollab.log"
 _CAUSES = {
@@ -56,7 +59,3 @@ def os_cause(e: BaseException) -> str:
     return os.strerror(code)
   text = str(e).strip()
   return text.splitlines()[0][:200] if text else type(e).__name__
-=======
-class BundleError(UserError):
-  """An exported bundle is missing a file, is damaged, or does not fit its config."""
->>>>>>> main

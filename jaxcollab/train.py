@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from jaxcollab import checkpoint, evaluate, metrics, plots, records, reload, sharding
+from jaxcollab import checkpoint, evaluate, metrics, models, plots, records, reload, sharding
 from jaxcollab import config as config_lib
 from jaxcollab import run as run_lib
 from jaxcollab import stop as stop_lib
@@ -239,7 +239,8 @@ def _train(run: Run, wd: workdir_lib.Workdir, stop: stop_lib.Stop, target: tuple
   changes: dict[str, list] = {}
 
   def check_config(step: int, saved: dict) -> None:
-    changes.update(workdir_lib.check_resume(saved, config, step, workdir))
+    portable = tuple(f"model.{k}" for k in getattr(models.get(config.model.name), "PORTABLE", {}))
+    changes.update(workdir_lib.check_resume(saved, config, step, workdir, portable))
 
   try:
     state = checkpointer.restore_latest(run.abstract_state, run.shardings, train_iter, check_config)

@@ -264,10 +264,15 @@ def config_changes(saved: dict[str, Any], config: ConfigDict) -> dict[str, list[
   return {k: [old[k], new[k]] for k in sorted(set(old) & set(new)) if old[k] != new[k]}
 
 
-def check_resume(saved: dict[str, Any], config: ConfigDict, step: int, workdir: str) -> dict[str, list[Any]]:
-  """The allowed changes against the checkpoint's config; raises naming every key that may not change."""
+def check_resume(
+  saved: dict[str, Any], config: ConfigDict, step: int, workdir: str, portable: tuple[str, ...] = ()
+) -> dict[str, list[Any]]:
+  """The allowed changes against the checkpoint's config; raises naming every key that may not change.
+
+  `portable`: the model's keys that change speed, not results (an attention kernel), also allowed.
+  """
   changes = config_changes(saved, config)
-  allowed = parse_allow_changes(config.train.allow_changes, config)
+  allowed = (*parse_allow_changes(config.train.allow_changes, config), *portable)
   refused = {k: v for k, v in changes.items() if not _resumable(k, allowed)}
   if refused:
     listed = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in refused.items())

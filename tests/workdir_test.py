@@ -95,6 +95,13 @@ def test_check_resume_refuses_computation_keys_and_allows_the_rest(tmp_path):
     "0.5, seed 0 -> 3); rerun with the values it was trained with, pass a new --workdir, or allow it "
     "deliberately with --config.train.allow_changes=optimizer.learning_rate,seed."
   )
+  kernel = json.loads(config_lib.to_json(_config()))
+  kernel["model"]["attention"] = "cudnn"
+  new = _config()
+  new.model.attention = "xla"
+  assert workdir_lib.check_resume(kernel, new, 10, "W", portable=("model.attention",)) == {
+    "model.attention": ["cudnn", "xla"]
+  }
   deliberate = _config(seed=3, optimizer__learning_rate=0.5, train__allow_changes="seed, optimizer.*")
   assert set(workdir_lib.check_resume(saved, deliberate, 10, "W")) == {
     "seed",
