@@ -11,8 +11,8 @@ parameters and the batch is split over `data` inside each seed, as in a single r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -24,9 +24,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxcollab import checkpoint, evaluate, metrics, sharding, train
+from jaxcollab import checkpoint, evaluate, metrics, models, sharding, train
 from jaxcollab import config as config_lib
 from jaxcollab import run as run_lib
+from jaxcollab import stop as stop_lib
+from jaxcollab import workdir as workdir_lib
 from jaxcollab.config import ConfigDict
 from jaxcollab.run import TrainState
 
@@ -136,12 +138,13 @@ class Stacked:
 
 @dataclasses.dataclass
 class _Seed:
-  """One seed's writers: its workdir, data iterator, checkpointer, metric writer and step logger."""
+  """One seed's side: its open workdir, data iterator, checkpointer, metric writer and step logger."""
 
-  workdir: str
+  wd: workdir_lib.Workdir
   config: ConfigDict
   train_iter: Any
   ckpt: checkpoint.Checkpointer
+  changes: dict[str, list[Any]] = dataclasses.field(default_factory=dict)  # Config changes on resume.
   writer: metrics.MetricWriter = None  # type: ignore[assignment]  # Set when the loop starts.
   logger: train.StepLogger = None  # type: ignore[assignment]
 
@@ -151,56 +154,74 @@ def train_seeds(
 ) -> list[dict[str, float]] | None:
   """Trains configs that differ only in `seed` together, seed i into workdirs[i]; final eval per seed.
 
+  Each workdir follows `jaxcollab train`'s contract (lock, config check on resume, run.json segments).
   Resumes when every workdir holds a checkpoint of the same step. Returns None when the seeds cannot
   share a program here (a reason from `why_not_vmapped`, or checkpoints at different steps): the caller
   trains them one at a time. Returns [] when a signal stopped training (every seed saved its step).
   """
   if why_not_vmapped(configs[0]) is not None:
     return None
-  stacked = Stacked(configs)
-  run = stacked.runs[0]
-  config, info = run.config, run.dataset.info
-  seeds = []
-  try:
-    for r, w in zip(stacked.runs, workdirs):
-      os.makedirs(w, exist_ok=True)
-      it = r.dataset.train_iterator(batch_size=config.train.batch_size, seed=r.config.seed)
-      seeds.append(
-        _Seed(w, r.config, it, checkpoint.Checkpointer(w, r.config, dataclasses.asdict(info), dict(r.mesh.shape)))
-      )
-    restored = [s.ckpt.restore_latest(r.abstract_state, r.shardings, s.train_iter) for s, r in zip(seeds, stacked.runs)]
-    if any(x is not None for x in restored):
-      steps = {None if x is None else int(jax.device_get(x.step)) for x in restored}
-      if len(steps) != 1:
-        for s in reversed(seeds):
-          s.ckpt.close()
-        seeds = []
-        return None
-      state = stacked.stack([x for x in restored if x is not None])
-    else:
-      state = stacked.init_state()
-    return _loop(stacked, seeds, state, on_step)
-  finally:
-    for s in reversed(seeds):  # Reverse: each Checkpointer put back the signal handler of the one before.
-      s.ckpt.close(raise_errors=False)
-      if s.writer is not None:
-        s.writer.close()
+  with stop_lib.Stop(enabled=jax.process_count() == 1) as stop:
+    stacked = Stacked(configs)
+    seeds: list[_Seed] = []
+    try:
+      for r, w in zip(stacked.runs, workdirs):
+        wd = workdir_lib.Workdir(w).open()
+        stop.at_exit(wd.close)
+        it = r.dataset.train_iterator(batch_size=r.config.train.batch_size, seed=r.config.seed)
+        ckpt = checkpoint.Checkpointer(w, r.config, dataclasses.asdict(r.dataset.info), dict(r.mesh.shape), stop=stop)
+        seeds.append(_Seed(wd, r.config, it, ckpt))
+      portable = tuple(f"model.{k}" for k in getattr(models.get(configs[0].model.name), "PORTABLE", {}))
+      restored = []
+      for s, r in zip(seeds, stacked.runs):
+
+        def check_config(step: int, saved: dict, s: _Seed = s) -> None:
+          s.changes.update(workdir_lib.check_resume(saved, s.config, step, s.wd.path, portable))
+
+        restored.append(s.ckpt.restore_latest(r.abstract_state, r.shardings, s.train_iter, check_config))
+      if any(x is not None for x in restored):
+        if len({None if x is None else int(jax.device_get(x.step)) for x in restored}) != 1:
+          return None
+        state = stacked.stack([x for x in restored if x is not None])
+      else:
+        state = stacked.init_state()
+      results = _loop(stacked, seeds, state, stop, on_step)
+    except BaseException as e:
+      for s in seeds:
+        s.wd.log_detail(e)
+        with contextlib.suppress(OSError):
+          s.wd.end_segment(None, "failed")
+      raise
+    finally:
+      for s in reversed(seeds):
+        s.ckpt.close(raise_errors=False)
+        if s.writer is not None:
+          s.writer.close()
+        s.wd.close()
+  return results
 
 
 def _loop(
-  stacked: Stacked, seeds: list[_Seed], state: TrainState, on_step: Callable[[int], None] | None
+  stacked: Stacked,
+  seeds: list[_Seed],
+  state: TrainState,
+  stop: stop_lib.Stop,
+  on_step: Callable[[int], None] | None,
 ) -> list[dict[str, float]]:
   run = stacked.runs[0]
   config, info = run.config, run.dataset.info
   start = int(jax.device_get(state.step[0]))
   unit = "examples_per_s" if info.kind == "image" else "tokens_per_s"
   per_batch = config.train.batch_size * (1 if info.kind == "image" else info.seq_len)
+  mesh = {str(k): int(v) for k, v in run.mesh.shape.items()}
   for s in seeds:
     text = config_lib.to_json(s.config)
-    with open(os.path.join(s.workdir, "config.json"), "w") as f:
-      f.write(text)
-    metrics.write_run_info(s.workdir, config_json=text, mesh_shape=dict(run.mesh.shape), argv=list(sys.argv))
-    s.writer = metrics.MetricWriter(s.workdir, resume_step=start)
+    s.writer = metrics.MetricWriter(s.wd.path, resume_step=start)  # First: it reads metrics.jsonl back.
+    workdir_lib.write_config(s.wd.path, text)
+    metrics.write_run_info(s.wd.path, config_json=text, mesh_shape=dict(run.mesh.shape), argv=list(sys.argv))
+    s.wd.begin_segment(
+      start, list(sys.argv), s.changes, processes=1, devices=jax.device_count(), mesh=mesh, vmapped_seeds=len(seeds)
+    )
     progress = metrics.Progress(config.train.steps, initial=start, enabled=False)
     s.logger = train.StepLogger(s.writer, progress, s.config, start, per_batch, unit)
 
@@ -233,13 +254,18 @@ def _loop(
   while not finished:
     batch = stacked.batch([next(s.train_iter) for s in seeds])
     state, step_metrics = stacked.train_step(state, batch)
+    if step == start:
+      stop.phase = stop_lib.TRAIN  # Compiled: from here a signal saves the step reached.
     step += 1
+    for s in seeds:
+      if s.wd.segment is not None:
+        s.wd.segment["end_step"] = step
     flush()
     pending = (step, step_metrics)
     finished = step >= config.train.steps
     if step % config.train.eval_every == 0 or finished:
       sums = evaluate_all(step)
-    stopped = not finished and any(s.ckpt.preempted(step) for s in seeds)
+    stopped = not finished and (stop.requested or any(s.ckpt.preempted(step) for s in seeds))
     if finished or stopped or seeds[0].ckpt.due(step):
       flush()
       for s, seed_state in zip(seeds, stacked.unstack(state)):
@@ -247,15 +273,18 @@ def _loop(
     if on_step is not None:
       on_step(step)
     if stopped:
+      for s in seeds:
+        s.wd.end_segment(step, "stopped")
       return []
   flush()
   if sums is None:  # Already finished before this call: evaluate the restored state once.
     sums = stacked.eval_sums(state)
   results = []
   for s, seed_sums in zip(seeds, sums):
-    result = stacked.evaluator.report(seed_sums, s.workdir)
+    result = stacked.evaluator.report(seed_sums, s.wd.path)
     if step > start:
       s.writer.write(step, "test" if info.eval_split == "test" else "eval_final", result)
+    s.wd.end_segment(step, "finished")
     results.append(result)
   return results
 

@@ -21,10 +21,11 @@ from typing import Any
 
 import tqdm
 
-from jaxcollab import compare, records, train
+from jaxcollab import checkpoint, compare, models, records, train
 from jaxcollab import config as config_lib
 from jaxcollab import run as run_lib
 from jaxcollab import seeds as seeds_lib
+from jaxcollab import workdir as workdir_lib
 from jaxcollab.config import ConfigDict
 from jaxcollab.errors import NonFiniteLossError, UserError
 
@@ -185,25 +186,24 @@ def plan(
 
 
 def _check_same_config(workdir: str, config: ConfigDict) -> None:
+  """What resuming would refuse (workdir.check_resume: keys that change the computation), refused now."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
   with open(path) as f:
-    saved = config_lib.from_json(f.read())
-  # Both as a run would read them: keys of another model (older saves kept them all) dropped.
-  saved, now = (config_lib.flat(run_lib.resolve(c, drop_unread=True)) for c in (saved, config))
-  changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-  if changed:
-    raise UserError(
-      f"{workdir} was trained with a different config ({changed[0]} was {saved.get(changed[0])!r}, "
-      f"now {now.get(changed[0])!r}); use a new sweep directory or delete that run."
-    )
+    saved = json.load(f)
+  steps = checkpoint.finished_steps(os.path.join(workdir, "checkpoints"))
+  portable = tuple(f"model.{k}" for k in getattr(models.get(config.model.name), "PORTABLE", {}))
+  workdir_lib.check_resume(saved, config, steps[-1] if steps else 0, workdir, portable)
 
 
-def finished(workdir: str) -> bool:
-  """Whether the run in `workdir` wrote its final evaluation (train does that last)."""
+def finished(workdir: str, steps: int | None = None) -> bool:
+  """Whether the run in `workdir` wrote its final evaluation (train does that last), at `steps` or later."""
   path = os.path.join(workdir, records.METRICS_FILE)
-  return os.path.exists(path) and any(r.get("split") in compare.FINAL_SPLITS for r in records.read_metrics(workdir))
+  if not os.path.exists(path):
+    return False
+  final = [r["step"] for r in records.read_metrics(workdir) if r.get("split") in compare.FINAL_SPLITS]
+  return bool(final) and (steps is None or max(final) >= steps)
 
 
 def _write_record(p: Plan, status: dict[str, dict]) -> None:
@@ -224,10 +224,13 @@ def _write_record(p: Plan, status: dict[str, dict]) -> None:
 
 
 @contextlib.contextmanager
-def _logged_to(workdir: str):
-  """Sends a run's console output to WORKDIR/train.log, so the sweep's one progress bar stays readable."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, LOG_FILE), "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+def _logged_to(directory: str):
+  """Sends a cell's console output to DIR/<cell>/train.log, so the sweep's one progress bar stays readable.
+
+  Beside the cell's workdirs, not in them: a workdir must be empty or jaxcollab's when training opens it.
+  """
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, LOG_FILE), "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
     handler = logging.StreamHandler(f)
     logging.getLogger().addHandler(handler)
     try:
@@ -248,7 +251,7 @@ def run(p: Plan) -> int:
     pending = []
     for seed in p.seeds:
       rel = os.path.relpath(p.workdir(cell, seed), p.directory)
-      if finished(p.workdir(cell, seed)):
+      if finished(p.workdir(cell, seed), cell.config.train.steps):
         status[rel] = {"status": "done"}
       else:
         pending.append(seed)
@@ -286,7 +289,7 @@ def run(p: Plan) -> int:
         status[rel]["seconds"] = round(time.perf_counter() - t0, 2)
         if error:
           failed += 1
-          bar.write(f"FAILED {rel}: {error} (log: {os.path.join(p.workdir(cell, seed), LOG_FILE)})", file=out)
+          bar.write(f"FAILED {rel}: {error} (log: {os.path.join(p.directory, cell.name, LOG_FILE)})", file=out)
       _write_record(p, status)
   except _Stopped:
     bar.close()
@@ -308,18 +311,19 @@ def _run_cell(p: Plan, cell: Cell, pending: list[int], bar: tqdm.tqdm) -> dict[i
   """Trains a cell's unfinished seeds (together if possible); seed -> error sentence or None."""
   configs = [p.config(cell, s) for s in pending]
   workdirs = [p.workdir(cell, s) for s in pending]
+  cell_dir = os.path.join(p.directory, cell.name)
   if len(pending) > 1 and not p.sequential:
     try:
-      with _logged_to(workdirs[0]):
+      with _logged_to(cell_dir):
         results = seeds_lib.train_seeds(configs, workdirs)
     except NonFiniteLossError as e:
       # One seed diverged and stopped them all: train each alone from its last checkpoint, so that
       # only the diverging seeds fail.
-      with open(os.path.join(workdirs[0], LOG_FILE), "a") as f:
+      with open(os.path.join(cell_dir, LOG_FILE), "a") as f:
         print(f"{e} Training these seeds one at a time.", file=f)
       results = None
     except Exception as e:  # noqa: BLE001  # One cell's failure must not stop the sweep.
-      with open(os.path.join(workdirs[0], LOG_FILE), "a") as f:
+      with open(os.path.join(cell_dir, LOG_FILE), "a") as f:
         traceback.print_exc(file=f)
       bar.update(len(pending))
       return {s: _sentence(e) for s in pending}
@@ -331,10 +335,10 @@ def _run_cell(p: Plan, cell: Cell, pending: list[int], bar: tqdm.tqdm) -> dict[i
   outcome: dict[int, str | None] = {}
   for seed, config, workdir in zip(pending, configs, workdirs):
     try:
-      with _logged_to(workdir):
+      with _logged_to(cell_dir):
         result = train.train_and_evaluate(config, workdir)
     except Exception as e:  # noqa: BLE001
-      with open(os.path.join(workdir, LOG_FILE), "a") as f:
+      with open(os.path.join(cell_dir, LOG_FILE), "a") as f:
         traceback.print_exc(file=f)
       outcome[seed] = _sentence(e)
     else:

@@ -147,7 +147,9 @@ def test_resnet_falls_back_to_one_seed_at_a_time():
 def test_changed_config_in_an_existing_sweep_is_a_user_error(tmp_path):
   workdir = tmp_path / "activation=relu" / "seed_0"
   workdir.mkdir(parents=True)
-  config = config_lib.apply_overrides(config_lib.load_experiment("mlp_digits", "smoke"), ["train.steps=99"])
+  config = config_lib.apply_overrides(
+    config_lib.load_experiment("mlp_digits", "smoke"), ["optimizer.learning_rate=0.5"]
+  )
   (workdir / "config.json").write_text(config_lib.to_json(config_lib.validate(config)))
-  with pytest.raises(UserError, match="train.steps was 99"):
+  with pytest.raises(UserError, match=r"would change how its checkpoints were computed \(optimizer.learning_rate 0.5"):
     sweep.plan("mlp_digits:smoke", str(tmp_path), ["model.activation=relu"], "0", [])
