@@ -8,8 +8,13 @@ crosses both models with five activations and two losses, five seeds each (100 r
 
 The grid lives in get_sweep() below. Both models share one recipe (Adam 1e-3, batch 128, 400 steps,
 about 36 epochs of the 1,437 training digits, no augmentation) so that only the grid keys differ.
-Expected: about 10 minutes on a 2-core CPU, the seeds of each cell trained together; see README
-"Ablation studies" for the table. `:smoke` is 2 activations x 2 losses x 2 seeds of a few steps.
+One run of the base config (MLP, ReLU, cross-entropy):
+
+  jaxcollab train --config experiments/ablate_digits.py --workdir runs/ablate_digits_one
+
+Expected: the 100 runs in about 12 minutes on a 2-core CPU (11 min 53 s measured, the seeds of each
+cell trained together); the MLP with ReLU and cross-entropy best at 98.0%, the sigmoid CNN at 72-76%
+(README "Ablation studies" has the table). `:smoke` is 2 activations x 2 losses x 2 seeds of a few steps.
 """
 
 from jaxcollab import config as config_lib

@@ -6,9 +6,11 @@ activation swept over gelu, relu and silu, three seeds each (9 runs):
   jaxcollab sweep --config experiments/ablate_gpt_pydocs.py --workdir runs/ablate_gpt_pydocs
   jaxcollab compare runs/ablate_gpt_pydocs --activations
 
-400 steps instead of gpt_pydocs' 1,000 keep the study near half an hour on a 2-core CPU (each cell's
-three seeds train together); validation bits per byte is the metric (lower is better).
-`:smoke` is the 2-layer toy of gpt_pydocs:smoke with two activations and two seeds.
+One run of the base config (GELU): jaxcollab train --config experiments/ablate_gpt_pydocs.py --workdir runs/gpt_gelu
+
+Validation bits per byte is the metric (lower is better). Expected: about 80 minutes for the 9 runs on a
+2-core CPU (each cell's three seeds train together, about 4 s per step for the three); not yet run to
+the end. `:smoke` is the 2-layer toy of gpt_pydocs:smoke with two activations and two seeds.
 """
 
 from jaxcollab import config as config_lib
