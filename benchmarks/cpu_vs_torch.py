@@ -286,6 +286,7 @@ def loop_rate(experiment: str, steps: int | None, cache_dir: str, threads: int) 
       f"--config.train.eval_every={steps}",
       f"--config.checkpoint.every={steps}",
       "--config.train.log_every=25",
+      "--config.optimizer.warmup_steps=5",  # gpt_pydocs warms up for 100 steps, longer than a short run.
     ]
   )
   env = dict(_env(threads), JAXCOLLAB_CACHE=cache_dir)
@@ -318,6 +319,8 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3; --quick 1)")
   parser.add_argument("--threads", type=int, default=2, help="threads for torch (jax uses every core it may)")
   parser.add_argument("--only", default="gpt,cnn,loop,start", help="comma-separated parts to run")
+  parser.add_argument("--loops", default="cnn_digits,mlp_digits,gpt_pydocs", help="experiments of the loop part")
+  parser.add_argument("--out", default=os.path.join(HERE, "results", "cpu_vs_torch.json"), help="JSON results file")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("child_args", nargs="?", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -360,7 +363,7 @@ def main() -> None:
       add("start jax warm", spawn, "jax_gpt", size, 1, 1, cold, threads=args.threads)
       shutil.rmtree(cold, ignore_errors=True)
     if "loop" in parts:
-      for experiment in ("cnn_digits", "mlp_digits", "gpt_pydocs"):
+      for experiment in args.loops.split(","):
         # cnn_digits runs whole: it is the README's main job, timed end to end.
         loop_steps = None if experiment == "cnn_digits" else (150 if experiment != "gpt_pydocs" else 60)
         add(f"bare {experiment}", spawn, "bare_step", experiment, 10 * steps, reps, cache, threads=args.threads)
@@ -467,8 +470,8 @@ def report(results: dict, args, rounds: int) -> None:
     "versions": _versions(),
   }
   print(json.dumps(meta))
-  os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-  path = os.path.join(HERE, "results", "cpu_vs_torch.json")
+  path = args.out
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump({**meta, "rows": rows, "raw": results}, f, indent=2)
   print(f"wrote {path}")
