@@ -44,11 +44,10 @@ CNN_BATCH = 128
 
 
 def _jax_runtime(cache_dir: str) -> None:
-  """The CLI's runtime setup (CPU fusion flag, persistent compilation cache) before jax starts."""
-  os.environ["JAXCOLLAB_CACHE"] = cache_dir
-  from jaxcollab import main  # pylint: disable=g-import-not-at-top  # Cheap: imports no jax.
+  """The CLI's runtime setup (CPU fusion flag, persistent compilation cache) before jax computes."""
+  from jaxcollab import runtime  # pylint: disable=g-import-not-at-top
 
-  main._configure_runtime()  # pylint: disable=protected-access
+  runtime.configure(cache_dir, log_level=None)
 
 
 def _compile_counter():
@@ -84,6 +83,7 @@ def child_jax_gpt(size: str, steps: int, reps: int, cache_dir: str, started: flo
 
   from jaxcollab import config as config_lib  # pylint: disable=g-import-not-at-top
   from jaxcollab import evaluate, sharding, train
+  from jaxcollab import run as run_lib
 
   config = config_lib.load_experiment("gpt_pydocs")
   for k, v in GPT_SIZES[size].items():
@@ -92,7 +92,7 @@ def child_jax_gpt(size: str, steps: int, reps: int, cache_dir: str, started: flo
   config.model.dropout = 0.0
   config.train.batch_size = config.train.eval_batch_size = GPT_BATCH
   compiles = _compile_counter()
-  run = train.build(config)
+  run = run_lib.build(config)
   state, step = run.init_state(), train.jit_train_step(run)
   put = sharding.batch_sharding(run.mesh)
   it = run.dataset.train_iterator(batch_size=GPT_BATCH, seed=0)
@@ -169,10 +169,11 @@ def child_jax_cnn(steps: int, reps: int, cache_dir: str, started: float) -> dict
   import jax  # pylint: disable=g-import-not-at-top
 
   from jaxcollab import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxcollab import run as run_lib
   from jaxcollab import sharding, train
 
   config = config_lib.load_experiment("cnn_digits")
-  run = train.build(config)
+  run = run_lib.build(config)
   state, step = run.init_state(), train.jit_train_step(run)
   batch = sharding.to_global(
     next(run.dataset.train_iterator(batch_size=CNN_BATCH, seed=0)), sharding.batch_sharding(run.mesh)
@@ -210,10 +211,11 @@ def child_bare_step(experiment: str, steps: int, reps: int, cache_dir: str, star
   import jax  # pylint: disable=g-import-not-at-top
 
   from jaxcollab import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxcollab import run as run_lib
   from jaxcollab import sharding, train
 
   config = config_lib.load_experiment(experiment)
-  run = train.build(config)
+  run = run_lib.build(config)
   state, step = run.init_state(), train.jit_train_step(run)
   it = run.dataset.train_iterator(batch_size=config.train.batch_size, seed=0)
   batches = [sharding.to_global(next(it), sharding.batch_sharding(run.mesh)) for _ in range(8)]

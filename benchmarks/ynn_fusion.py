@@ -20,10 +20,11 @@ CHILD = r"""
 import json, sys, time
 import jax
 from jaxcollab import config as config_lib, sharding, train
+from jaxcollab import run as run_lib
 name, steps = sys.argv[1], int(sys.argv[2])
 config = config_lib.load_experiment(name)
 config.train.steps = steps + 10
-run = train.build(config, jax.devices()[:1])
+run = run_lib.build(config, jax.devices()[:1])
 state, step = run.init_state(), train.jit_train_step(run)
 it = run.dataset.train_iterator(batch_size=config.train.batch_size, seed=0)
 put = sharding.batch_sharding(run.mesh)

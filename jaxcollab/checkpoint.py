@@ -13,9 +13,6 @@ leftover temporary directories are deleted when training starts again.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
 import glob
 import json
 import logging
@@ -26,14 +23,16 @@ import threading
 import zlib
 from typing import Any
 
-from etils import epath
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from jaxcollab import config as config_lib
-from jaxcollab.config import ConfigDict, UserError
+from jaxcollab import pytree, runtime
+from jaxcollab.config import ConfigDict
+from jaxcollab.errors import CheckpointError, CorruptCheckpointError
 
 PyTree = Any
 STATE, DATA, CONFIG, META = "state", "data", "config", "meta"
@@ -48,14 +47,6 @@ _ORBAX_LATE_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
 EVAL_METRICS = {"image": ("loss", "accuracy"), "text": ("loss", "perplexity", "bits_per_byte")}
 
 
-class CheckpointError(UserError):
-  """A checkpoint is missing, corrupt or does not fit the model; finished steps are left untouched."""
-
-
-class CorruptCheckpointError(CheckpointError):
-  """A finished step whose files cannot be read (truncated, deleted or overwritten)."""
-
-
 def state_tree(state) -> dict[str, PyTree]:
   """The saved pytree of a TrainState: plain containers only, readable without jaxcollab."""
   tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
@@ -64,18 +55,14 @@ def state_tree(state) -> dict[str, PyTree]:
   return tree
 
 
-def leaf_paths(tree: PyTree) -> dict[str, tuple]:
+def leaf_shapes(tree: PyTree) -> dict[str, tuple]:
   """'params/Dense_0/kernel' -> shape for every leaf of a (metadata) tree."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-    out[name] = tuple(getattr(leaf, "shape", ()))
-  return out
+  return {name: tuple(getattr(leaf, "shape", ())) for name, leaf in pytree.leaf_paths(tree).items()}
 
 
 def structure_diff(saved: PyTree, expected: PyTree) -> tuple[list[str], list[str], list[str]]:
   """(missing, unexpected, shape-mismatched) leaf paths between a saved and an expected tree."""
-  s, e = leaf_paths(saved), leaf_paths(expected)
+  s, e = leaf_shapes(saved), leaf_shapes(expected)
   # Parameters first: they say what changed in the model; optimizer moments only echo them.
   order = lambda paths: sorted(paths, key=lambda p: (not p.startswith("params/"), p))
   missing = order(set(e) - set(s))
@@ -186,7 +173,8 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._empty_trash()
     self.last_saved = -1
-    self.eval_step, self.eval_metrics = -1, {}  # The newest evaluation, saved so that a resume knows it.
+    self.eval_step = -1  # The newest evaluation, saved so that a resume knows it.
+    self.eval_metrics: dict[str, float] = {}
     self._writing = -1
     self._stop_signal: int | None = None
     self._handlers = {}
@@ -213,13 +201,17 @@ class Checkpointer:
     if jax.process_index() == 0:
       shutil.rmtree(os.path.join(self.directory, TRASH), ignore_errors=True)
 
-  def restore_latest(self, run, train_iter) -> Any | None:
-    """The newest good step restored into `run`'s shardings (and `train_iter` positioned), or None."""
+  def restore_latest(self, abstract_state: Any, shardings: Any, train_iter: Any) -> Any | None:
+    """The newest good step restored as `abstract_state` with `shardings` (and `train_iter` positioned), or None.
+
+    Only damage (checksums, sizes, unreadable metadata) lets `checkpoint.fallback` skip a step; any
+    other failure to restore is raised as it is, naming its cause, and no step is moved.
+    """
     steps = sorted(self.manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
       previous = steps[i + 1] if i + 1 < len(steps) else None
       try:
-        return self._restore(step, run, train_iter)
+        return self._restore(step, abstract_state, shardings, train_iter)
       except CorruptCheckpointError as e:
         if not self.config.checkpoint.fallback or previous is None:
           raise CorruptCheckpointError(_damaged(e, previous)) from e
@@ -238,36 +230,37 @@ class Checkpointer:
         target, n = f"{source}.corrupt{n}", n + 1
       os.rename(source, target)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"jaxcollab_move_aside_{step}")
     self.manager.reload()
     return target
 
-  def _restore(self, step: int, run, train_iter):
+  def _restore(self, step: int, abstract_state: Any, shardings: Any, train_iter: Any) -> Any:
     path = os.path.join(self.directory, str(step))
     verify(path, step)
     meta = read_json(path, step, META)
-    target = state_tree(run.state)
+    target = state_tree(abstract_state)
     check_structure(read_state_metadata(path, step), target, path)
     data_file = os.path.join(path, DATA, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
     if train_iter is not None and not os.path.exists(data_file):
       raise CheckpointError(f"Checkpoint step {step} in {self.directory} was saved by a different number of "
                             "processes; resume it with as many processes as saved it (jaxcollab.load reads it "
                             "anywhere).")
-    shardings = state_tree(run.shardings)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
+                            state_tree(shardings))
     args = {STATE: ocp.args.StandardRestore(abstract)}
     if train_iter is not None:
       args[DATA] = grain.checkpoint.CheckpointRestore(train_iter)
     try:
       tree = self.manager.restore(step, args=ocp.args.Composite(**args))[STATE]
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files.
-      raise CorruptCheckpointError(f"Checkpoint step {step} in {self.directory} could not be read "
-                                   f"({first_line(e)})") from e
+      # The files passed their checksums, so this is not damage (memory, orbax, the filesystem):
+      # name the cause and leave the step where it is.
+      raise CheckpointError(f"Checkpoint step {step} in {self.directory} could not be restored ({first_line(e)}); "
+                            "its files are intact, so fix the cause named here and rerun.") from e
     self.last_saved = step
     last = meta.get("last_eval") or {}
     self.eval_step, self.eval_metrics = last.get("step", -1), dict(last.get("metrics", {}))
-    return run.state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
+    return abstract_state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
                              batch_stats=tree.get("batch_stats", {}), rng=tree["rng"])
 
   def record_eval(self, step: int, metrics: dict[str, float]) -> None:
@@ -295,7 +288,7 @@ class Checkpointer:
         "step": step, "eval": self.eval_metrics if evaluated else {},
         "last_eval": {"step": self.eval_step, "metrics": self.eval_metrics} if self.eval_step >= 0 else None,
         "dataset": self.dataset_info, "mesh": self.mesh_shape, "devices": jax.device_count(),
-        "processes": jax.process_count(), "platform": jax.devices()[0].platform, "versions": dict(_versions()),
+        "processes": jax.process_count(), "platform": jax.devices()[0].platform, "versions": runtime.versions(),
     }
     args = {STATE: ocp.args.StandardSave(state_tree(state)),
             CONFIG: ocp.args.JsonSave(json.loads(config_lib.to_json(self.config))),
@@ -333,21 +326,6 @@ class Checkpointer:
       for sig, handler in self._handlers.items():
         signal.signal(sig, handler)
       self._handlers = {}
-
-
-@functools.cache
-def _versions() -> dict[str, str]:
-  import importlib.metadata  # pylint: disable=g-import-not-at-top
-
-  import jaxcollab  # pylint: disable=g-import-not-at-top
-
-  out = {"jaxcollab": jaxcollab.__version__}
-  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy"):
-    try:
-      out[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      out[name] = "?"
-  return out
 
 
 # ---- Reading step files (training's restore and jaxcollab.reload share these) ------------------

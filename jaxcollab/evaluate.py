@@ -10,9 +10,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxcollab import metrics, sharding
+from jaxcollab import metrics, plots, reload, sharding
+from jaxcollab import run as run_lib
 
 PyTree = Any
 
@@ -20,22 +22,22 @@ PyTree = Any
 class Evaluator:
   """Evaluates parameters of a run on its eval split; every example counts exactly once."""
 
-  def __init__(self, run):
+  def __init__(self, run: run_lib.Run):
     self.run = run
     self.info = run.dataset.info
-    self._last: tuple[int, dict[str, np.ndarray]] | None = None  # (step, sums) of the newest evaluation.
+    # (parameter and statistics arrays, their sums) of the newest evaluation; holding the arrays keeps
+    # their identities unique, so `is` tells whether the same parameters are asked for again.
+    self._last: tuple[list[Any], dict[str, np.ndarray]] | None = None
     config = run.config
     self.per_process = config.train.eval_batch_size // jax.process_count()
     self.batch_sharding = sharding.batch_sharding(run.mesh)
     classes = self.info.num_classes if self.info.kind == "image" else 0
-    loss_fn = run.state.loss_fn
-    apply_fn = run.state.apply_fn
+    loss_fn = run.abstract_state.loss_fn
+    apply_fn = run.abstract_state.apply_fn
 
     def eval_step(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-      variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-      x = batch["image"] if "image" in batch else batch["inputs"]
       with sharding.activation_context(run.mesh, run.rules):  # Resolves the models' activation constraints.
-        logits = apply_fn(variables, x, train=False)
+        logits = apply_fn(run_lib.variables(params, batch_stats), run_lib.model_input(batch), train=False)
       mask = batch["mask"]
       sums = {"loss": jnp.sum(loss_fn(logits, batch) * mask), "count": jnp.sum(mask)}
       if classes:
@@ -60,28 +62,31 @@ class Evaluator:
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     return {k: np.asarray(v, np.float64) for k, v in jax.device_get(totals).items()}
 
-  def _state_sums(self, state) -> dict[str, np.ndarray]:
+  def _state_sums(self, state: run_lib.TrainState) -> dict[str, np.ndarray]:
     # The loop evaluates at the last step and then asks for the final report of the same state:
-    # remember the sums by step so the eval split is not run twice.
-    step = int(jax.device_get(state.step))
-    if self._last is None or self._last[0] != step:
-      self._last = (step, self.sums(state.params, state.batch_stats))
+    # remember the sums of these very arrays so the eval split is not run twice.
+    leaves = jax.tree.leaves((state.params, state.batch_stats))
+    cached = self._last is not None and len(self._last[0]) == len(leaves) and all(
+        a is b for a, b in zip(self._last[0], leaves))
+    if not cached:
+      self._last = (leaves, self.sums(state.params, state.batch_stats))
+    assert self._last is not None
     return self._last[1]
 
-  def evaluate(self, state) -> dict[str, float]:
+  def evaluate(self, state: run_lib.TrainState) -> dict[str, float]:
     """loss and accuracy (classifiers) or loss, perplexity and bits_per_byte (LMs)."""
     return summarize(self._state_sums(state))
 
-  def final_report(self, state, workdir: str, write: bool = True) -> dict[str, float]:
+  def final_report(self, state: run_lib.TrainState, workdir: str, write: bool = True) -> dict[str, float]:
     """Final metrics; for classifiers also per-class precision/recall/F1 and a confusion-matrix PNG."""
     sums = self._state_sums(state)
     result = summarize(sums)
     if "confusion" in sums and write:
       confusion = sums["confusion"].astype(np.int64)
       report = metrics.classification_report(confusion)
-      plots = os.path.join(workdir, "plots")
-      os.makedirs(plots, exist_ok=True)
-      metrics.plot_confusion(confusion, os.path.join(plots, "confusion.png"),
+      plot_dir = os.path.join(workdir, "plots")
+      os.makedirs(plot_dir, exist_ok=True)
+      plots.plot_confusion(confusion, os.path.join(plot_dir, "confusion.png"),
                              title=f"{self.info.name} {self.info.eval_split}: accuracy {result['accuracy']:.4f}")
       with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump({"split": self.info.eval_split, "metrics": result, **report,
@@ -105,9 +110,7 @@ def summarize(sums: dict[str, np.ndarray]) -> dict[str, float]:
 
 def evaluate_checkpoint(path: str, step: int | None = None) -> dict[str, float]:
   """Re-evaluates a saved step (`jaxcollab eval`) on this process's first device."""
-  from jaxcollab import reload, train  # pylint: disable=g-import-not-at-top
-
   _, variables, config = reload.load(path, step)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1  # Any saved mesh fits one device.
-  run = train.build(config, devices=jax.local_devices()[:1])
+  run = run_lib.build(config, devices=jax.local_devices()[:1])
   return summarize(Evaluator(run).sums(variables["params"], variables.get("batch_stats", {})))

@@ -10,14 +10,15 @@ Shapes: B = batch, C = classes, L = sequence length, V = vocabulary.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxcollab.config import UserError
+from jaxcollab import config as config_lib
+from jaxcollab.errors import ConfigError
 
 LossFn = Callable[[jax.Array, dict], jax.Array]
 
@@ -87,9 +88,20 @@ LOSSES: dict[str, Callable[[ml_collections.ConfigDict], LossFn]] = {
 }
 
 
+# Losses that train language models on next-token targets; every other loss trains classifiers.
+TEXT_LOSSES = ("next_token",)
+
+
+def check(loss_config: ml_collections.ConfigDict, task: str) -> None:
+  """A ConfigError when `loss.name` is unknown or does not fit the model's task ("image" or "text")."""
+  config_lib.lookup(LOSSES, "loss.name", loss_config.name)
+  if task == "text" and loss_config.name not in TEXT_LOSSES:
+    raise ConfigError(f"loss.name must be 'next_token' for the gpt model, got {loss_config.name!r}.")
+  if task == "image" and loss_config.name in TEXT_LOSSES:
+    raise ConfigError(f"loss.name {loss_config.name!r} is for the gpt model; use cross_entropy, mse or "
+                      "label_smoothing for a classifier.")
+
+
 def get_loss(loss_config: ml_collections.ConfigDict) -> LossFn:
   """The loss function named by `loss_config.name`."""
-  name = loss_config.name
-  if name not in LOSSES:
-    raise UserError(f"Unknown loss.name {name!r}; choose one of {', '.join(sorted(LOSSES))}.")
-  return LOSSES[name](loss_config)
+  return config_lib.lookup(LOSSES, "loss.name", loss_config.name)(loss_config)

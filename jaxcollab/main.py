@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
 
-
-def _configure_runtime() -> None:
-  """Environment that must be set before jax starts: CPU fusion choice, quiet logs, compile cache."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_cpu_experimental_ynn_fusion_type" not in flags:
-    # jaxlib 0.10 routes CPU dots/convs through YNNPACK fusions, which ran our CNN step 2.4x slower
-    # on x86 CPUs (benchmarks/ynn_fusion.py measures it). Only the CPU backend reads this flag.
-    os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_experimental_ynn_fusion_type=").strip()
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  import jax  # pylint: disable=g-import-not-at-top
-
-  cache = os.environ.get("JAXCOLLAB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxcollab", "xla"))
-  if cache:
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+import jaxcollab
+from jaxcollab import config as config_lib
+from jaxcollab import runtime
+from jaxcollab.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
 
   train = sub.add_parser("train", allow_abbrev=False, help="train an experiment into a workdir (resumes if it has checkpoints)",
                          description="Train an experiment; extra --config.a.b=VALUE flags override its config.")
-  train.add_argument("--config", required=True, help="experiment file (experiments/cnn_digits.py) or name (cnn_digits); FILE:ARG passes ARG to get_config, e.g. cnn_digits.py:smoke")
+  train.add_argument("--config", required=True, help="experiment file (experiments/cnn_digits.py) or name (cnn_digits); FILE:ARG passes ARG to get_config, e.g. cnn_digits:smoke")
   train.add_argument("--workdir", required=True, help="run directory: config.json, metrics, checkpoints, plots")
   dist = train.add_argument_group("several processes (see README 'Scaling out')")
   dist.add_argument("--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), help="HOST:PORT of process 0")
@@ -44,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
   ev = sub.add_parser("eval", allow_abbrev=False, help="re-evaluate a saved step on its eval split",
                       description="Evaluate the newest (or --step N) checkpoint of a workdir on its eval split.")
-  ev.add_argument("--workdir", required=True, help="run directory or a checkpoint step directory")
+  ev.add_argument("--workdir", required=True, help="run directory, a checkpoint step directory or an exported bundle")
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
 
   ins = sub.add_parser("inspect", allow_abbrev=False, help="show a checkpoint's steps, config, metadata and parameters",
@@ -52,7 +40,41 @@ def _parser() -> argparse.ArgumentParser:
   ins.add_argument("path", help="workdir, its checkpoints/ directory, or one step directory")
   ins.add_argument("--step", type=int, default=None, help="step to describe (default: newest)")
   ins.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+  _add_use_commands(sub)
   return parser
+
+
+def _add_use_commands(sub) -> None:
+  """sample, predict, export: the commands that use a trained model (README 'Use a trained model')."""
+  source = "run directory, a checkpoint step directory or an exported bundle"
+  sa = sub.add_parser("sample", allow_abbrev=False, help="generate text from a GPT run or bundle",
+                      description="Continue a prompt with a GPT's KV cache; a single sample streams to stdout.")
+  sa.add_argument("--workdir", required=True, help=source)
+  sa.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  sa.add_argument("--prompt", required=True, help="text to continue (UTF-8; the model reads bytes)")
+  sa.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate per sample")
+  sa.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
+  sa.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest bytes; 0 = all")
+  sa.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with mass >= P, in (0, 1]")
+  sa.add_argument("--num-samples", type=int, default=1, help="independent samples, decoded as one batch")
+  sa.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same text")
+
+  pr = sub.add_parser("predict", allow_abbrev=False, help="classify images with an image-model run or bundle",
+                      description="Top classes for PNG/JPEG/.npy files, resized and scaled as in training.")
+  pr.add_argument("--workdir", required=True, help=source)
+  pr.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  pr.add_argument("files", nargs="+", help="PNG, JPEG (anything Pillow reads) or .npy files")
+  pr.add_argument("--top-k", type=int, default=3, help="classes shown per image")
+  pr.add_argument("--invert", action="store_true", help="swap light and dark (dark ink on white paper)")
+  pr.add_argument("--json", action="store_true", help="print one JSON list instead of text")
+
+  ex = sub.add_parser("export", allow_abbrev=False, help="write a step as a bundle or a Hugging Face GPT-2",
+                      description="Write a self-contained bundle (safetensors, config, model card) or, with "
+                                  "--format hf, a transformers GPT2LMHeadModel directory.")
+  ex.add_argument("--workdir", required=True, help=source)
+  ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  ex.add_argument("--out", required=True, help="new directory to write")
+  ex.add_argument("--format", default="bundle", choices=("bundle", "hf"), help="bundle (default) or hf")
 
 
 def _env_int(name: str) -> int | None:
@@ -60,34 +82,40 @@ def _env_int(name: str) -> int | None:
   return int(value) if value and value.lstrip("-").isdigit() else None
 
 
-def _train(args, overrides: list[str]) -> None:
-  from jaxcollab import config as config_lib, sharding, train  # pylint: disable=g-import-not-at-top
+def _train(args: argparse.Namespace, overrides: list[str]) -> None:
+  # The shared keys are checked before jax is imported, so a typo is reported in well under a second.
+  config = config_lib.validate(config_lib.apply_overrides(config_lib.load_experiment(args.config), overrides))
+  runtime.configure()
+  # Imported here, not at the top: XLA_FLAGS (set by configure) must be in place before jax starts.
+  import jax  # pylint: disable=g-import-not-at-top
 
+  from jaxcollab import run, sharding, train  # pylint: disable=g-import-not-at-top
+
+  config = run.resolve(config, config_lib.override_keys(overrides))
   # Before anything touches a device: jax.distributed must start before the backends do.
   if args.distributed or args.coordinator_address or args.num_processes is not None or args.process_id is not None:
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, args.init_timeout)
     sharding.check_same_across_processes(os.path.abspath(args.workdir), "--workdir")
-  config = config_lib.apply_overrides(config_lib.load_experiment(args.config), overrides)
   start = time.perf_counter()
   result = train.train_and_evaluate(config, args.workdir)
   if not result:  # Stopped by a signal; train_and_evaluate has said where it saved.
     return
-  import jax  # pylint: disable=g-import-not-at-top
-
   if jax.process_index() == 0:
     summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
     print(f"Final evaluation: {summary} ({time.perf_counter() - start:.0f} s); results in {args.workdir}")
 
 
-def _eval(args) -> None:
-  from jaxcollab import evaluate  # pylint: disable=g-import-not-at-top
+def _eval(args: argparse.Namespace) -> None:
+  runtime.configure()
+  from jaxcollab import evaluate  # pylint: disable=g-import-not-at-top  # After configure: see _train.
 
   result = evaluate.evaluate_checkpoint(args.workdir, args.step)
   print(json.dumps(result, indent=2))
 
 
-def _inspect(args) -> None:
-  from jaxcollab import reload  # pylint: disable=g-import-not-at-top
+def _inspect(args: argparse.Namespace) -> None:
+  runtime.configure()
+  from jaxcollab import reload  # pylint: disable=g-import-not-at-top  # After configure: see _train.
 
   info = reload.describe(args.path, args.step)
   if args.json:
@@ -118,6 +146,34 @@ def _inspect(args) -> None:
   print("(--json gives every array, optimizer state included, and the full config)")
 
 
+def _sample(args: argparse.Namespace) -> None:
+  runtime.configure()
+
+  jaxcollab.sample(args.workdir, args.prompt, step=args.step, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_samples=args.num_samples,
+                   seed=args.seed, stream=sys.stdout)
+
+
+def _predict(args: argparse.Namespace) -> None:
+  runtime.configure()
+
+  results = jaxcollab.predict(args.workdir, args.files, step=args.step, top_k=args.top_k, invert=args.invert)
+  if args.json:
+    print(json.dumps(results, indent=2))
+    return
+  for r in results:
+    print(f"{r['input']}: " + ", ".join(f"{t['name']} {t['probability']:.3f}" for t in r["top"]))
+
+
+def _export(args: argparse.Namespace) -> None:
+  runtime.configure()
+  from jaxcollab import export  # pylint: disable=g-import-not-at-top  # After configure: see _train.
+
+  out = export.export(args.workdir, args.out, step=args.step, fmt=args.format)
+  print(f"Wrote {out}" + (" (load it with transformers.GPT2LMHeadModel.from_pretrained)" if args.format == "hf"
+                          else " (jaxcollab.load, or --workdir of eval/sample/predict)"))
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs one subcommand; returns the process exit code."""
   argv = sys.argv[1:] if argv is None else argv
@@ -127,14 +183,9 @@ def main(argv: list[str] | None = None) -> int:
   stray = [u for u in unknown if not u.startswith("--config.")]
   if stray or (overrides and args.command != "train"):
     parser.error(f"unrecognized arguments: {' '.join(stray or overrides)}")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-  for noisy in ("absl", "jax", "orbax", "grain", "tensorflow_datasets"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  _configure_runtime()
-  from jaxcollab.config import UserError  # pylint: disable=g-import-not-at-top
-
   try:
-    {"train": lambda: _train(args, overrides), "eval": lambda: _eval(args), "inspect": lambda: _inspect(args)}[
+    {"train": lambda: _train(args, overrides), "eval": lambda: _eval(args), "inspect": lambda: _inspect(args),
+     "sample": lambda: _sample(args), "predict": lambda: _predict(args), "export": lambda: _export(args)}[
         args.command]()
   except (UserError, FileNotFoundError) as e:
     print(f"jaxcollab {args.command}: error: {e}", file=sys.stderr)

@@ -9,23 +9,19 @@ from __future__ import annotations
 import datetime
 import glob
 import hashlib
-import importlib.metadata
 import json
-import logging
 import os
-import platform
 import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
-import matplotlib
+import jax
+import numpy as np
+import tqdm
 
-matplotlib.use("Agg")  # Headless: runs on clusters and CI without a display.
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tqdm  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxcollab import records, runtime
 
 # tensorboardX's writer imports torch when it is installed, only to accept torch tensors we never
 # pass: 1.5-7 s of every run's start on a 2-core CPU. Hide torch while tensorboardX loads.
@@ -33,15 +29,10 @@ _TORCH_HIDDEN = "torch" not in sys.modules
 if _TORCH_HIDDEN:
   sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError.
 try:
-  import tensorboardX  # pylint: disable=g-import-not-at-top,wrong-import-position
+  import tensorboardX  # noqa: E402
 finally:
   if _TORCH_HIDDEN:
     del sys.modules["torch"]
-
-METRICS_FILE = "metrics.jsonl"
-RUN_FILE = "run.json"
-# Curves appear in this order; any other metric follows, in the order it first appears.
-_METRIC_ORDER = ("loss", "accuracy", "perplexity", "bits_per_byte", "learning_rate", "grad_norm")
 
 
 def _python_value(value: Any) -> Any:
@@ -57,30 +48,6 @@ def _is_number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _read_rows(path: str) -> list[dict]:
-  """Parsed rows of a jsonl file; a torn last line (process killed mid-write) is dropped."""
-  with open(path) as f:
-    lines = [line for line in f.read().split("\n") if line.strip()]
-  rows = []
-  for i, line in enumerate(lines):
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if i == len(lines) - 1:
-        logging.warning("Ignoring an incomplete last line in %s.", path)
-        break
-      raise ValueError(f"Line {i + 1} of {path} is not valid JSON ({e}); fix or remove that line.") from e
-  return rows
-
-
-def _write_atomic(path: str, text: str) -> None:
-  """Replaces `path` in one step, so a crash leaves either the old or the new file, never half."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 class MetricWriter:
   """Appends metric rows to WORKDIR/metrics.jsonl and WORKDIR/tensorboard/."""
 
@@ -91,13 +58,13 @@ class MetricWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, METRICS_FILE)
+    path = os.path.join(workdir, records.METRICS_FILE)
     tb_dir = os.path.join(workdir, "tensorboard")
     if resume_step > 0:
       # A run killed after its last checkpoint logged rows past it; the resumed run logs them again.
       if os.path.exists(path):
-        kept = [r for r in _read_rows(path) if r.get("step", 0) <= resume_step]
-        _write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in records.read_rows(path) if r.get("step", 0) <= resume_step]
+        records.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
       # TensorBoard hides earlier events with step >= purge_step when it reads the new file.
       self._tb = tensorboardX.SummaryWriter(tb_dir, purge_step=resume_step + 1)
     else:
@@ -109,7 +76,7 @@ class MetricWriter:
 
   def write(self, step: int, split: str, values: dict[str, float]) -> None:
     """Logs one row {"step", "split", **values} to both sinks and flushes them."""
-    if not self.enabled:
+    if self._file is None or self._tb is None:  # Not process 0, or closed.
       return
     values = {k: _python_value(v) for k, v in values.items()}
     # json writes floats with repr(), which round-trips exactly.
@@ -175,13 +142,6 @@ class Progress:
       self._bar = None
 
 
-def _version(distribution: str) -> str | None:
-  try:
-    return importlib.metadata.version(distribution)
-  except importlib.metadata.PackageNotFoundError:
-    return None
-
-
 def _git(source_dir: str, *args: str) -> str | None:
   """Output of `git args` in `source_dir`, or None when git or the checkout is missing."""
   try:
@@ -193,20 +153,12 @@ def _git(source_dir: str, *args: str) -> str | None:
 
 def write_run_info(workdir: str, *, config_json: str, mesh_shape: dict[str, int], argv: list[str]) -> None:
   """Writes WORKDIR/run.json: versions, devices, mesh, git commit, command line and start time."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jaxcollab  # pylint: disable=g-import-not-at-top
-
-  source_dir = os.path.dirname(os.path.abspath(jaxcollab.__file__))
+  source_dir = os.path.dirname(os.path.abspath(__file__))
   commit = _git(source_dir, "rev-parse", "HEAD")
   status = _git(source_dir, "status", "--porcelain") if commit is not None else None
   devices = jax.devices()
   info = {
-      "versions": {
-          "jaxcollab": jaxcollab.__version__,
-          **{name: _version(name) for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
-                                               "grain", "numpy")},
-          "python": platform.python_version(),
-      },
+      "versions": runtime.versions(),
       "devices": {
           "platform": devices[0].platform,
           "device_kind": devices[0].device_kind,
@@ -223,63 +175,10 @@ def write_run_info(workdir: str, *, config_json: str, mesh_shape: dict[str, int]
       "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
   os.makedirs(workdir, exist_ok=True)
-  _write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(info, indent=2) + "\n")
+  records.write_atomic(os.path.join(workdir, records.RUN_FILE), json.dumps(info, indent=2) + "\n")
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """The rows of WORKDIR/metrics.jsonl, in the order they were written."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"No {METRICS_FILE} in {workdir}; check the path, or train a run into it with "
-        f"`jaxcollab train --workdir {workdir}`."
-    )
-  return _read_rows(path)
-
-
-def _metric_names(rows: list[dict]) -> list[str]:
-  seen = []
-  for row in rows:
-    for k, v in row.items():
-      if k not in ("step", "split") and k not in seen and _is_number(v):
-        seen.append(k)
-  return [m for m in _METRIC_ORDER if m in seen] + [m for m in seen if m not in _METRIC_ORDER]
-
-
-def plot_curves(rows: list[dict], path: str) -> None:
-  """Writes a PNG with one subplot per metric, one line per split, against the step."""
-  names = _metric_names(rows)
-  ncols = min(3, max(len(names), 1))
-  nrows = max(-(-len(names) // ncols), 1)
-  fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows), squeeze=False)
-  if not names:
-    axes[0, 0].text(0.5, 0.5, "no metrics logged", ha="center", va="center")
-  splits = list(dict.fromkeys(row.get("split", "?") for row in rows))
-  for ax, name in zip(axes.flat, names):
-    for split in splits:
-      points = sorted((r["step"], r[name]) for r in rows if r.get("split", "?") == split and _is_number(r.get(name)))
-      if points:
-        steps, values = zip(*points)
-        # Markers keep eval/test series visible when they hold only one or two points.
-        ax.plot(steps, values, label=split, marker="o" if len(points) < 20 else None, markersize=3)
-    ax.set_title(name)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-  for ax in list(axes.flat)[max(len(names), 1):]:
-    ax.axis("off")
-  fig.tight_layout()
-  _save(fig, path)
-
-
-def _save(fig: Any, path: str) -> None:
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)  # pyplot keeps every open figure alive otherwise.
-
-
-def _check_confusion(confusion: np.ndarray) -> np.ndarray:
+def check_confusion(confusion: np.ndarray) -> np.ndarray:
   confusion = np.asarray(confusion)
   if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
     raise ValueError(f"A confusion matrix must be square [classes, classes]; got shape {confusion.shape}.")
@@ -288,7 +187,7 @@ def _check_confusion(confusion: np.ndarray) -> np.ndarray:
   return confusion
 
 
-def _class_names(n: int, class_names: list[str] | None) -> list[str]:
+def label_names(n: int, class_names: list[str] | None) -> list[str]:
   if class_names is None:
     return [str(i) for i in range(n)]
   if len(class_names) != n:
@@ -303,8 +202,8 @@ def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 def classification_report(confusion: np.ndarray, class_names: list[str] | None = None) -> dict:
   """Accuracy, per-class precision/recall/F1/support and macro averages from a [C, C] count matrix."""
-  confusion = _check_confusion(confusion).astype(np.float64)  # rows = true class, columns = predicted.
-  names = _class_names(confusion.shape[0], class_names)
+  confusion = check_confusion(confusion).astype(np.float64)  # rows = true class, columns = predicted.
+  names = label_names(confusion.shape[0], class_names)
   tp, predicted, support = np.diag(confusion), confusion.sum(axis=0), confusion.sum(axis=1)
   precision, recall = _safe_divide(tp, predicted), _safe_divide(tp, support)
   f1 = _safe_divide(2 * precision * recall, precision + recall)
@@ -340,29 +239,3 @@ def format_report(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot_confusion(confusion: np.ndarray, path: str, class_names: list[str] | None = None,
-                   title: str = "") -> None:
-  """Writes a PNG heat map of a [C, C] count matrix (rows true, columns predicted), counts annotated."""
-  confusion = _check_confusion(confusion)
-  n = confusion.shape[0]
-  names = _class_names(n, class_names)
-  size = min(max(4.0, 0.5 * n + 2), 20.0)
-  fig, ax = plt.subplots(figsize=(size + 1, size))
-  image = ax.imshow(confusion, cmap="Blues")
-  fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-  ax.set_xticks(range(n), labels=names, rotation=45 if max(map(len, names)) > 2 else 0, ha="right")
-  ax.set_yticks(range(n), labels=names)
-  ax.set_xlabel("predicted")
-  ax.set_ylabel("true")
-  ax.set_title(title)
-  # Past ~40 classes the numbers overlap into noise; the colours still tell the story.
-  if n <= 40:
-    threshold = confusion.max() / 2
-    for i in range(n):
-      for j in range(n):
-        count = confusion[i, j]
-        label = f"{int(count)}" if float(count).is_integer() else f"{count:.3g}"
-        ax.text(j, i, label, ha="center", va="center", fontsize=8,
-                color="white" if confusion[i, j] > threshold else "black")
-  fig.tight_layout()
-  _save(fig, path)

@@ -8,13 +8,15 @@ are divided by k: changing k keeps the warmup the same fraction of the run.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
 import optax
 
-from jaxcollab.config import UserError
+from jaxcollab import config as config_lib
+from jaxcollab.errors import ConfigError
 
 PyTree = Any
 
@@ -72,35 +74,38 @@ OPTIMIZERS: dict[str, Callable[[ml_collections.ConfigDict, optax.Schedule], opta
 }
 
 
-def _lookup(registry: dict, key: str, name: str) -> Callable:
-  if name not in registry:
-    raise UserError(f"Unknown {key} {name!r}; choose one of {', '.join(sorted(registry))}.")
-  return registry[name]
-
-
 def make_schedule(opt_config: ml_collections.ConfigDict, total_updates: int) -> optax.Schedule:
   """The learning rate as a function of the optimizer-update count (not the micro-step)."""
-  return _lookup(SCHEDULES, "optimizer.schedule", opt_config.schedule)(opt_config, total_updates)
+  return config_lib.lookup(SCHEDULES, "optimizer.schedule", opt_config.schedule)(opt_config, total_updates)
+
+
+def check(opt_config: ml_collections.ConfigDict, total_steps: int) -> None:
+  """A ConfigError for an unknown optimizer or schedule, or a schedule that cannot fit `total_steps`."""
+  config_lib.lookup(OPTIMIZERS, "optimizer.name", opt_config.name)
+  config_lib.lookup(SCHEDULES, "optimizer.schedule", opt_config.schedule)
+  k = opt_config.get("accumulate_steps", 1)
+  total_updates = total_steps // k
+  if total_updates < 1:
+    raise ConfigError(
+        f"train.steps ({total_steps}) must be at least optimizer.accumulate_steps ({k}), "
+        "or the optimizer never updates."
+    )
+  if opt_config.schedule == "warmup_cosine" and -(-opt_config.warmup_steps // k) >= total_updates:
+    raise ConfigError(
+        f"optimizer.warmup_steps ({opt_config.warmup_steps}) leaves no room for the cosine decay in "
+        f"train.steps ({total_steps}) with accumulate_steps {k}; shorten the warmup or train longer."
+    )
 
 
 def make_optimizer(
     opt_config: ml_collections.ConfigDict, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optimizer, schedule) for `total_steps` micro-steps; the schedule takes the update count."""
+  check(opt_config, total_steps)
   k = opt_config.get("accumulate_steps", 1)
   total_updates = total_steps // k
-  if total_updates < 1:
-    raise UserError(
-        f"train.steps ({total_steps}) must be at least optimizer.accumulate_steps ({k}), "
-        "or the optimizer never updates."
-    )
-  if opt_config.schedule == "warmup_cosine" and -(-opt_config.warmup_steps // k) >= total_updates:
-    raise UserError(
-        f"optimizer.warmup_steps ({opt_config.warmup_steps}) leaves no room for the cosine decay in "
-        f"train.steps ({total_steps}) with accumulate_steps {k}; shorten the warmup or train longer."
-    )
   schedule = make_schedule(opt_config, total_updates)
-  tx = _lookup(OPTIMIZERS, "optimizer.name", opt_config.name)(opt_config, schedule)
+  tx = config_lib.lookup(OPTIMIZERS, "optimizer.name", opt_config.name)(opt_config, schedule)
   if opt_config.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip), tx)
   if k > 1:

@@ -16,16 +16,20 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.experimental.mesh_utils
 import jax.experimental.multihost_utils
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxcollab.config import ConfigDict, UserError
+from jaxcollab import pytree
+from jaxcollab.config import ConfigDict
+from jaxcollab.errors import UserError
 
 PyTree = Any
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -119,7 +123,7 @@ def check_batch(global_batch: int, mesh: Mesh, key: str = "train.batch_size") ->
 def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
   """[start, stop) of the global batch rows that this process's devices hold."""
   indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values()
-  rows = sorted({idx[0].indices(global_batch)[:2] for idx in indices})
+  rows = sorted({idx[0].indices(global_batch)[:2] for idx in indices if idx is not None})
   start, stop = rows[0][0], rows[-1][1]
   if sum(b - a for a, b in rows) != stop - start:
     raise UserError(f"This mesh gives process {jax.process_index()} non-contiguous batch rows {rows}; "
@@ -135,11 +139,11 @@ def check_params(param_specs: PyTree, abstract_params: PyTree, mesh: Mesh, rules
   shapes = jax.tree.leaves(abstract_params)
   for (path, logical), leaf in zip(specs, shapes):
     physical = nn.logical_to_mesh_axes(tuple(logical), rules)
-    for name, axes, size in zip(logical, physical, leaf.shape):
+    for name, axes, size in zip(logical, tuple(physical or ()), leaf.shape):
       axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
       ways = math.prod(mesh.shape[a] for a in axes)
       if size % ways:
-        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        where = pytree.path_str(path)
         split = "*".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
         key = f" ({hints[name]})" if name in hints else ""
         raise UserError(
@@ -172,7 +176,7 @@ def logical_specs(abstract_boxed: PyTree) -> PyTree:
 
 def state_specs(abstract_state: PyTree, param_specs: PyTree) -> PyTree:
   """Logical specs for a TrainState: optimizer moments follow their parameters, the rest replicates."""
-  params = jax.tree.structure(abstract_state.params)
+  params: Any = jax.tree.structure(abstract_state.params)
   like_params = lambda node: jax.tree.structure(node) == params
   # Every subtree of the optimizer state shaped like the parameters (Adam's mu and nu, momentum,
   # accumulated gradients) is sharded like them; counters and the like are replicated scalars.

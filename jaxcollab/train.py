@@ -1,4 +1,4 @@
-"""Training: the TrainState, a pure `train_step`, and the loop that orchestrates them."""
+"""Training: a pure `train_step`, its jitted form, and the loop that orchestrates them."""
 
 from __future__ import annotations
 
@@ -8,58 +8,21 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from jaxcollab import checkpoint, config as config_lib, data, evaluate, losses, metrics, models, optim, reload, sharding
-from jaxcollab.config import ConfigDict, UserError
+from jaxcollab import checkpoint, evaluate, metrics, plots, records, reload, sharding
+from jaxcollab import config as config_lib
+from jaxcollab import run as run_lib
+from jaxcollab.config import ConfigDict
+from jaxcollab.errors import NonFiniteLossError
+from jaxcollab.run import Run, TrainState
 
 PyTree = Any
-
-
-class TrainState(flax.struct.PyTreeNode):
-  """Everything that changes during training; static fields hold the functions that use it."""
-
-  step: jax.Array  # int32 scalar: micro-steps taken.
-  params: PyTree
-  opt_state: PyTree
-  batch_stats: PyTree  # {} for models without BatchNorm.
-  rng: jax.Array  # uint32[2]: raw key data (plain array, so checkpoints restore without jaxcollab).
-  apply_fn: Callable = flax.struct.field(pytree_node=False)
-  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-  loss_fn: Callable = flax.struct.field(pytree_node=False)
-  lr_fn: Callable = flax.struct.field(pytree_node=False)
-
-  def variables(self) -> dict[str, PyTree]:
-    """The model variables that `apply_fn` takes."""
-    if self.batch_stats:
-      return {"params": self.params, "batch_stats": self.batch_stats}
-    return {"params": self.params}
-
-
-def model_input(batch: dict[str, jax.Array]) -> jax.Array:
-  """Images for classifiers, input tokens for language models."""
-  return batch["image"] if "image" in batch else batch["inputs"]
-
-
-def forward(state: TrainState, params: PyTree, batch: dict, train: bool, rng: jax.Array | None = None):
-  """Logits and updated BatchNorm statistics (unchanged unless training a BatchNorm model)."""
-  variables = {"params": params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-  mutable = ["batch_stats"] if train and state.batch_stats else False
-  rngs = {"dropout": rng} if rng is not None else None
-  out = state.apply_fn(variables, model_input(batch), train=train, rngs=rngs, mutable=mutable)
-  if mutable:
-    logits, updates = out
-    return logits, updates["batch_stats"]
-  return out, state.batch_stats
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -68,7 +31,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
   mask = batch["mask"]
 
   def loss_of(params):
-    logits, batch_stats = forward(state, params, batch, train=True, rng=rng)
+    logits, batch_stats = run_lib.forward(state, params, batch, is_training=True, rng=rng)
     per_example = state.loss_fn(logits, batch)
     loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     return loss, (logits, batch_stats)
@@ -94,87 +57,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
   return new_state, out
 
 
-@dataclasses.dataclass
-class Run:
-  """What a run is built from; shared by training, evaluation and reloading."""
-
-  config: ConfigDict
-  dataset: data.Dataset
-  model: nn.Module
-  mesh: jax.sharding.Mesh
-  rules: tuple
-  state: TrainState  # Abstract (ShapeDtypeStruct leaves) until `init_state` is called.
-  shardings: TrainState
-  init_fn: Callable[[], TrainState]
-
-  def init_state(self) -> TrainState:
-    """The initial state, born sharded: every device makes only its own shard."""
-    return sharding.create_sharded(self.init_fn, self.shardings)
-
-
-# Config keys behind each model's logical axis names, named when a mesh cannot split that axis.
-_AXIS_KEYS = {
-    "gpt": {"heads": "model.num_heads", "mlp": "model.mlp_dim", "embed": "model.embed_dim",
-            "vocab": "the vocabulary size"},
-    "cnn": {"conv_out": "model.features", "hidden": "model.dense", "embed": "the flattened conv features"},
-    "mlp": {"hidden": "model.hidden", "embed": "the flattened image size"},
-    "resnet": {"conv_out": "model.width times the stage multipliers"},
-}
-
-
-def build(config: ConfigDict, devices: list[jax.Device] | None = None) -> Run:
-  """Validates the config and layout, then makes the dataset, model, mesh and abstract sharded state.
-
-  Nothing compiles here: every impossible layout is a `UserError` before the first jit.
-  """
-  config = config_lib.validate(config)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.parse_rules(config.mesh.rules)
-  sharding.check_batch(config.train.batch_size, mesh)
-  sharding.check_batch(config.train.eval_batch_size, mesh, key="train.eval_batch_size")
-  if len({d.process_index for d in mesh.devices.flat}) > 1:
-    sharding.check_same_across_processes(config_lib.to_json(config), "The config")
-  dataset = data.get_dataset(config)
-  model = models.build(config, dataset.info)
-  tx, lr_fn = optim.make_optimizer(config.optimizer, config.train.steps)
-  accumulate = config.optimizer.accumulate_steps
-  loss_fn = losses.get_loss(config.loss)
-  sample = example_batch(dataset.info)  # numpy: building a run compiles nothing.
-
-  def boxed_variables():
-    return model.init({"params": jax.random.PRNGKey(config.seed)}, model_input(sample), train=False)
-
-  def init_fn() -> TrainState:
-    variables = nn.unbox(boxed_variables())
-    params = variables["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        batch_stats=variables.get("batch_stats", {}),
-        rng=jax.random.PRNGKey(config.seed + 1),
-        apply_fn=model.apply,
-        tx=tx,
-        loss_fn=loss_fn,
-        lr_fn=lambda step: lr_fn(step // accumulate),
-    )
-
-  param_specs = sharding.logical_specs(jax.eval_shape(boxed_variables))["params"]
-  abstract = jax.eval_shape(init_fn)
-  sharding.check_params(param_specs, abstract.params, mesh, rules, _AXIS_KEYS.get(config.model.name))
-  shardings = sharding.to_shardings(sharding.state_specs(abstract, param_specs), mesh, rules)
-  return Run(config, dataset, model, mesh, rules, abstract, shardings, init_fn)
-
-
-def example_batch(info: data.DatasetInfo) -> dict[str, np.ndarray]:
-  """A one-example batch of zeros with the dataset's shapes and dtypes."""
-  if info.kind == "image":
-    return {"image": np.zeros((1, *info.image_shape), np.float32), "label": np.zeros((1,), np.int32),
-            "mask": np.ones((1,), np.float32)}
-  return {"inputs": np.zeros((1, info.seq_len), np.int32), "targets": np.zeros((1, info.seq_len), np.int32),
-          "mask": np.ones((1, info.seq_len), np.float32)}
-
-
 def jit_train_step(run: Run) -> Callable:
   """`train_step` compiled once with the run's shardings, donating the old state."""
 
@@ -198,10 +80,6 @@ def _target_met(target: tuple[str, str, float] | None, result: dict[str, float])
   return {">=": x >= value, ">": x > value, "<=": x <= value, "<": x < value}[op]
 
 
-class NonFiniteLossError(UserError):
-  """The loss became NaN or Inf; training stops and the finished checkpoints stay as they are."""
-
-
 class StepLogger:
   """Turns each step's device metrics into log rows, throughput and progress, one step late."""
 
@@ -209,7 +87,7 @@ class StepLogger:
                start: int, per_batch: int, unit: str):
     self.writer, self.progress, self.config = writer, progress, config
     self.per_batch, self.unit = per_batch, unit
-    self.pending = None  # (step, device metrics) not yet pulled to the host.
+    self.pending: tuple[int, dict[str, jax.Array]] | None = None  # (step, device metrics) not yet on the host.
     self.last_step, self.last_time = start, time.perf_counter()
 
   def push(self, step: int, device_metrics: dict[str, jax.Array]) -> None:
@@ -242,7 +120,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   Returns {} when SIGTERM/SIGINT (or a preemption notice) stopped training early: the step reached
   is saved, and running the same command again continues from it exactly.
   """
-  run = build(config)
+  run = run_lib.build(config)
   config, info = run.config, run.dataset.info
   target = config_lib.parse_target(config.train.target)
   is_main = jax.process_index() == 0
@@ -253,11 +131,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
       process_index=jax.process_index(),
       process_count=jax.process_count(),
   )
-  ckpt = checkpoint.Checkpointer(workdir, config, dataclasses.asdict(info), dict(run.mesh.shape))
+  checkpointer = checkpoint.Checkpointer(workdir, config, dataclasses.asdict(info), dict(run.mesh.shape))
   ok = False
   writer = progress = None
   try:
-    state = ckpt.restore_latest(run, train_iter)
+    state = checkpointer.restore_latest(run.abstract_state, run.shardings, train_iter)
     if state is None:
       state = run.init_state()
       if config.init_from:
@@ -291,23 +169,23 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         logger.flush()
         result = evaluator.evaluate(state)
         writer.write(step, "eval", result)
-        ckpt.record_eval(step, result)
+        checkpointer.record_eval(step, result)
         if _target_met(target, result):
           logging.info("Target %r met at step %d (%s).", config.train.target, step, result)
           finished = True
       # Every process asks at every step: on several hosts this is jax's preemption sync point.
-      stopped = not finished and ckpt.preempted(step)
-      if finished or stopped or ckpt.due(step):
+      stopped = not finished and checkpointer.preempted(step)
+      if finished or stopped or checkpointer.due(step):
         # Rows up to `step` reach metrics.jsonl before the step is saved, so a run killed after the
         # save and resumed from it logs exactly the rows an uninterrupted run logs.
         logger.flush()
-        ckpt.save(step, state, train_iter)
+        checkpointer.save(step, state, train_iter)
       if stopped:
         break
     logger.flush()
     if stopped:
       logging.warning("Stopped by %s at step %d: checkpoint saved in %s; run the same command to resume.",
-                      ckpt.stop_reason, step, os.path.join(ckpt.directory, str(step)))
+                      checkpointer.stop_reason, step, os.path.join(checkpointer.directory, str(step)))
       result = {}
     else:
       result = evaluator.final_report(state, workdir, write=is_main)
@@ -317,9 +195,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   finally:
     if progress is not None:
       progress.close()
-    ckpt.close(raise_errors=ok)  # Awaits background writes; after an error, only logs theirs.
+    checkpointer.close(raise_errors=ok)  # Awaits background writes; after an error, only logs theirs.
     if writer is not None:
       writer.close()
   if is_main and not stopped:
-    metrics.plot_curves(metrics.read_metrics(workdir), os.path.join(workdir, "plots", "curves.png"))
+    plots.plot_curves(records.read_metrics(workdir), os.path.join(workdir, "plots", "curves.png"))
   return result

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -19,7 +20,10 @@ import pytest
 
 import checkpoint_runs as runs
 import jaxcollab
-from jaxcollab import checkpoint, config as config_lib, main, models, reload, train
+from jaxcollab import checkpoint, main, models, reload
+from jaxcollab import config as config_lib
+from jaxcollab import run as run_lib
+from jaxcollab.errors import CheckpointError
 
 SMOKE = os.path.join(runs.REPO, "experiments", "mlp_digits.py:smoke")
 FLAGS = ("--config.checkpoint.every=5", "--config.checkpoint.keep=10")  # Steps 5, 10, 15, 20; evals at 10, 20.
@@ -145,7 +149,7 @@ def _params(config: config_lib.ConfigDict):
   from jaxcollab import data  # pylint: disable=g-import-not-at-top
 
   info = data.get_dataset(config).info
-  return reload._init_variables(models.build(config, info), info, 0)["params"]  # pylint: disable=protected-access
+  return nn.unbox(run_lib.init_variables(models.build(config, info), info, 0))["params"]
 
 
 @pytest.mark.parametrize("change, missing, unexpected, mismatched", [
@@ -157,7 +161,7 @@ def test_structure_check_names_every_path(change, missing, unexpected, mismatche
   base = config_lib.load_experiment(SMOKE)
   saved = jax.eval_shape(lambda: {"params": _params(base)})
   expected = jax.eval_shape(lambda: {"params": _params(config_lib.apply_overrides(base, list(change)))})
-  with pytest.raises(checkpoint.CheckpointError) as e:
+  with pytest.raises(CheckpointError) as e:
     checkpoint.check_structure(saved, expected, "STEP")
   for path in missing + unexpected + mismatched:
     assert path in str(e.value)
@@ -168,7 +172,7 @@ def test_structure_check_names_every_path(change, missing, unexpected, mismatche
 def test_structure_check_names_a_renamed_layer():
   saved = {"params": {"hidden": {"kernel": np.zeros((3, 4))}, "head": {"kernel": np.zeros((4, 2))}}}
   renamed = {"params": {"hidden": {"kernel": np.zeros((3, 4))}, "out": {"kernel": np.zeros((4, 2))}}}
-  with pytest.raises(checkpoint.CheckpointError, match=r"missing: params/out/kernel; unexpected: params/head/kernel"):
+  with pytest.raises(CheckpointError, match=r"missing: params/out/kernel; unexpected: params/head/kernel"):
     checkpoint.check_structure(saved, renamed, "STEP")
   checkpoint.check_structure(saved, saved, "STEP")  # Same structure: no error.
 
@@ -176,7 +180,7 @@ def test_structure_check_names_a_renamed_layer():
 def test_init_from_loads_matching_parameters_and_reports_the_rest(workdir, caplog):
   source = runs.read_state(workdir)["params"]
   config = config_lib.apply_overrides(config_lib.load_experiment(SMOKE), ["model.hidden=512"])
-  run = train.build(config)
+  run = run_lib.build(config)
   fresh = run.init_state()
   with caplog.at_level(logging.INFO):
     state = reload.init_from(fresh, workdir)
@@ -239,6 +243,21 @@ def test_fallback_moves_the_damaged_step_aside_and_redoes_it_exactly(workdir, co
   assert "20.corrupt" in runs.entries(copy)
   runs.assert_same_arrays(runs.read_state(copy, 20), runs.read_state(workdir, 20))
   assert runs.rows(copy) == runs.rows(workdir)
+
+
+def test_restore_failure_with_intact_files_is_not_called_damage(copy, monkeypatch, capsys):
+  """Out of memory (or any orbax/filesystem error) on intact files: named as it is, no step moved."""
+
+  def out_of_memory(*args, **kwargs):
+    raise MemoryError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 7.2GiB")
+
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "restore", out_of_memory)
+  before = runs.entries(copy)
+  assert _train(copy, "--config.train.steps=30", "--config.checkpoint.fallback=true") == 2
+  line = _error_line(capsys, "train")
+  assert "Checkpoint step 20" in line and "could not be restored (MemoryError: RESOURCE_EXHAUSTED" in line
+  assert "damaged" not in line and "delete" not in line
+  assert runs.entries(copy) == before  # fallback=true moved nothing aside: the step is good.
 
 
 @pytest.mark.parametrize("where", ["orbax-item", "checksums"])

@@ -5,7 +5,8 @@ import os
 import pytest
 
 from jaxcollab import config as config_lib
-from jaxcollab.config import UserError
+from jaxcollab import run as run_lib
+from jaxcollab.errors import UserError
 
 EXPERIMENTS = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "experiments"))
                      if f.endswith(".py") and not f.startswith("_"))
@@ -69,12 +70,12 @@ def test_bad_overrides(override, needle):
     ("model.name=gpt", "cannot train on an image dataset"),
     ("loss.name=next_token", "next_token' is for the gpt model"),
     ("train.target=accuracy is high", "is not of the form"),
-    ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
+    ("model.dropout=0.1", "Model 'mlp' does not read model.dropout; its keys are model.name, model.activation"),
 ])
 def test_impossible_values(override, needle):
   c = config_lib.apply_overrides(config_lib.load_experiment("mlp_digits"), [override])
   with pytest.raises(UserError) as e:
-    config_lib.validate(c)
+    run_lib.resolve(c, config_lib.override_keys([override]))
   assert needle in str(e.value)
   assert "\n" not in str(e.value)
 
@@ -82,11 +83,13 @@ def test_impossible_values(override, needle):
 def test_gpt_specific_checks():
   c = config_lib.load_experiment("gpt_pydocs")
   with pytest.raises(UserError, match="must divide model.embed_dim"):
-    config_lib.validate(config_lib.apply_overrides(c, ["model.num_heads=3"]))
+    run_lib.resolve(config_lib.apply_overrides(c, ["model.num_heads=3"]))
   with pytest.raises(UserError, match="exceeds model.context"):
-    config_lib.validate(config_lib.apply_overrides(c, ["dataset.seq_len=4096"]))
+    run_lib.resolve(config_lib.apply_overrides(c, ["dataset.seq_len=4096"]))
+  with pytest.raises(UserError, match=r"model.dropout must be in \[0, 1\)"):
+    run_lib.resolve(config_lib.apply_overrides(c, ["model.dropout=1.5"]))
   with pytest.raises(UserError, match="Unknown model.size"):
-    config_lib.validate(config_lib.apply_overrides(c, ["model.size=gpt5"]))
+    run_lib.resolve(config_lib.apply_overrides(c, ["model.size=gpt5"]))
 
 
 def test_experiment_file_errors(tmp_path):

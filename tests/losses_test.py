@@ -8,6 +8,7 @@ import pytest
 
 from jaxcollab import config as config_lib
 from jaxcollab import losses
+from jaxcollab.errors import UserError
 
 B, C, L, V = 6, 5, 7, 11
 
@@ -133,5 +134,5 @@ def test_get_loss_by_name():
 def test_get_loss_unknown_name_raises_user_error():
   c = config_lib.defaults().loss
   c.name = "hinge"
-  with pytest.raises(config_lib.UserError, match="Unknown loss.name 'hinge'.*cross_entropy"):
+  with pytest.raises(UserError, match="Unknown loss.name 'hinge'.*cross_entropy"):
     losses.get_loss(c)

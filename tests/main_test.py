@@ -45,7 +45,7 @@ def test_unknown_flag_is_an_argparse_error(tmp_path):
 
 
 def test_help_for_every_subcommand(capsys):
-  for command in ("train", "eval", "inspect"):
+  for command in ("train", "eval", "inspect", "sample", "predict", "export"):
     with pytest.raises(SystemExit) as e:
       main.main([command, "--help"])
     assert e.value.code == 0

@@ -10,7 +10,7 @@ import pytest
 import sklearn.metrics
 from tensorboardX.proto import event_pb2
 
-from jaxcollab import metrics
+from jaxcollab import metrics, plots, records
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -49,7 +49,7 @@ def test_rows_round_trip_exactly(tmp_path):
   writer.write(7, "train", values)
   writer.write(8, "eval", {"loss": 2.0 / 3})
   writer.close()
-  rows = metrics.read_metrics(str(tmp_path))
+  rows = records.read_metrics(str(tmp_path))
   assert rows == [
       {"step": 7, "split": "train", "loss": 0.1 + 0.2, "accuracy": 1 / 3, "grad_norm": float(np.float32(1.1)),
        "tiny": 5e-324},
@@ -62,7 +62,7 @@ def test_rows_are_on_disk_before_close(tmp_path):
   writer = metrics.MetricWriter(str(tmp_path))
   writer.write(1, "train", {"loss": 0.5})
   # A crash now must not lose the row: it is already readable without close().
-  assert metrics.read_metrics(str(tmp_path)) == [{"step": 1, "split": "train", "loss": 0.5}]
+  assert records.read_metrics(str(tmp_path)) == [{"step": 1, "split": "train", "loss": 0.5}]
   writer.close()
 
 
@@ -72,8 +72,8 @@ def test_resume_keeps_rows_up_to_step_and_matches_uninterrupted_run(tmp_path):
   _write_run(resumed, range(1, 8))  # Killed at step 7, last checkpoint at step 4.
   writer = metrics.MetricWriter(resumed, resume_step=4)
   writer.close()
-  assert max(r["step"] for r in metrics.read_metrics(resumed)) == 4
-  assert metrics.read_metrics(resumed) == [r for r in metrics.read_metrics(full) if r["step"] <= 4]
+  assert max(r["step"] for r in records.read_metrics(resumed)) == 4
+  assert records.read_metrics(resumed) == [r for r in records.read_metrics(full) if r["step"] <= 4]
   _write_run(resumed, range(5, 11), resume_step=4)
   with open(os.path.join(full, "metrics.jsonl"), "rb") as a, open(os.path.join(resumed, "metrics.jsonl"), "rb") as b:
     assert a.read() == b.read()
@@ -84,7 +84,7 @@ def test_resume_drops_torn_last_line(tmp_path):
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 4, "split": "tra')
   metrics.MetricWriter(str(tmp_path), resume_step=3).close()
-  assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [1, 2, 2, 3]
+  assert [r["step"] for r in records.read_metrics(str(tmp_path))] == [1, 2, 2, 3]
 
 
 def test_fresh_run_truncates_old_rows(tmp_path):
@@ -92,7 +92,7 @@ def test_fresh_run_truncates_old_rows(tmp_path):
   writer = metrics.MetricWriter(str(tmp_path), resume_step=0)
   writer.write(1, "train", {"loss": 9.0})
   writer.close()
-  assert metrics.read_metrics(str(tmp_path)) == [{"step": 1, "split": "train", "loss": 9.0}]
+  assert records.read_metrics(str(tmp_path)) == [{"step": 1, "split": "train", "loss": 9.0}]
   assert _scalars(str(tmp_path / "tensorboard")) == {("train/loss", 1): 9.0}
 
 
@@ -123,7 +123,7 @@ def test_tensorboard_resume_sets_purge_step(tmp_path):
 
 def test_read_metrics_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="No metrics.jsonl in"):
-    metrics.read_metrics(str(tmp_path))
+    records.read_metrics(str(tmp_path))
 
 
 def test_run_info(tmp_path):
@@ -210,23 +210,23 @@ def _assert_png(path, min_bytes=5_000):
 
 def test_plot_confusion_writes_png(tmp_path):
   path = tmp_path / "plots" / "confusion.png"
-  metrics.plot_confusion(np.array([[50, 2, 1], [3, 40, 7], [0, 5, 44]]), str(path), class_names=["a", "b", "c"],
+  plots.plot_confusion(np.array([[50, 2, 1], [3, 40, 7], [0, 5, 44]]), str(path), class_names=["a", "b", "c"],
                          title="digits")
   _assert_png(path)
 
 
 def test_plot_curves_writes_png(tmp_path):
   _write_run(str(tmp_path), range(1, 30))
-  rows = metrics.read_metrics(str(tmp_path))
+  rows = records.read_metrics(str(tmp_path))
   rows.append({"step": 29, "split": "test", "loss": 0.2, "accuracy": 0.9})
   path = tmp_path / "plots" / "curves.png"
-  metrics.plot_curves(rows, str(path))
+  plots.plot_curves(rows, str(path))
   _assert_png(path, min_bytes=20_000)
 
 
 def test_plot_curves_without_eval_or_rows(tmp_path):
-  metrics.plot_curves([{"step": 1, "split": "train", "loss": 1.0}], str(tmp_path / "a.png"))
-  metrics.plot_curves([], str(tmp_path / "b.png"))
+  plots.plot_curves([{"step": 1, "split": "train", "loss": 1.0}], str(tmp_path / "a.png"))
+  plots.plot_curves([], str(tmp_path / "b.png"))
   _assert_png(tmp_path / "a.png")
   _assert_png(tmp_path / "b.png", min_bytes=1_000)
 

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcollab import config as config_lib, main, train
+from jaxcollab import config as config_lib
+from jaxcollab import main, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(ROOT, "experiments", "gpt_pydocs.py") + ":smoke"

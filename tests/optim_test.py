@@ -10,6 +10,7 @@ import pytest
 
 from jaxcollab import config as config_lib
 from jaxcollab import optim
+from jaxcollab.errors import UserError
 
 
 def _config(**overrides):
@@ -152,19 +153,19 @@ def test_jit_matches_eager():
     ("schedule", "linear", "Unknown optimizer.schedule 'linear'"),
 ])
 def test_unknown_names_raise_user_error(key, value, match):
-  with pytest.raises(config_lib.UserError, match=match):
+  with pytest.raises(UserError, match=match):
     optim.make_optimizer(_config(**{key: value}), total_steps=10)
 
 
 @pytest.mark.parametrize("warmup,steps,k", [(100, 100, 1), (150, 100, 1), (20, 20, 2)])
 def test_warmup_not_shorter_than_training_raises_user_error(warmup, steps, k):
   c = _config(schedule="warmup_cosine", warmup_steps=warmup, accumulate_steps=k)
-  with pytest.raises(config_lib.UserError, match="warmup_steps"):
+  with pytest.raises(UserError, match="warmup_steps"):
     optim.make_optimizer(c, total_steps=steps)
 
 
 def test_fewer_steps_than_accumulation_raises_user_error():
-  with pytest.raises(config_lib.UserError, match="accumulate_steps"):
+  with pytest.raises(UserError, match="accumulate_steps"):
     optim.make_optimizer(_config(accumulate_steps=4), total_steps=3)
 
 
@@ -179,6 +180,6 @@ def test_warmup_error_names_the_real_train_steps():
   # 19 warmup micro-steps round up to 10 updates of the 10 that 21 steps with k=2 give: rejected,
   # and the message must quote the train.steps the user set, not a derived count.
   c = _config(schedule="warmup_cosine", warmup_steps=19, accumulate_steps=2)
-  with pytest.raises(config_lib.UserError) as e:
+  with pytest.raises(UserError) as e:
     optim.make_optimizer(c, total_steps=21)
   assert "train.steps (21)" in str(e.value)

@@ -15,8 +15,10 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxcollab import config as config_lib, sharding, train
-from jaxcollab.config import UserError
+from jaxcollab import config as config_lib
+from jaxcollab import run as run_lib
+from jaxcollab import sharding, train
+from jaxcollab.errors import UserError
 
 STEPS = 3
 MODELS = {"gpt": "gpt_pydocs", "cnn": "cnn_digits"}  # Smoke batches: 8 and 32, both divisible by 8.
@@ -106,7 +108,7 @@ def test_one_process_holds_every_batch_row():
 
 def test_process_shards_concatenate_to_the_one_process_batch():
   # make_array_from_process_local_data puts process p's rows at block p of the global batch.
-  dataset = train.build(smoke("gpt_pydocs")).dataset
+  dataset = run_lib.build(smoke("gpt_pydocs")).dataset
   one = dataset.train_iterator(batch_size=8, seed=0)
   two = [dataset.train_iterator(batch_size=4, seed=0, process_index=p, process_count=2) for p in range(2)]
   for _ in range(3):
@@ -115,7 +117,7 @@ def test_process_shards_concatenate_to_the_one_process_batch():
       np.testing.assert_array_equal(batch[key], np.concatenate([parts[0][key], parts[1][key]]))
 
 
-# --- Impossible layouts fail in train.build, before anything compiles ---------------------------
+# --- Impossible layouts fail in run_lib.build, before anything compiles ---------------------------
 
 
 @pytest.mark.parametrize("name, overrides, message", [
@@ -138,7 +140,7 @@ def test_process_shards_concatenate_to_the_one_process_batch():
 def test_impossible_layout_is_a_user_error_before_compiling(name, overrides, message):
   config = smoke(name, *overrides)
   with CompileCounter() as counter, pytest.raises(UserError, match=message) as e:
-    train.build(config)
+    run_lib.build(config)
   assert counter.count == 0
   assert "\n" not in str(e.value)
 
@@ -149,7 +151,7 @@ def test_an_axis_mapped_to_nothing_needs_no_divisibility():
   config = smoke("cnn_digits", "mesh.data=1", "mesh.fsdp=8", "model.features=(30, 64)")
   config.mesh.rules = rules
   with CompileCounter() as counter:
-    run = train.build(config)
+    run = run_lib.build(config)
   assert counter.count == 0
   assert run.shardings.params["conv_0"]["kernel"].spec == P(None, None, None, None)
 
@@ -161,7 +163,7 @@ def train_steps(name: str, mesh: tuple[int, int, int]):
   """Initial parameters (host copies), per-step losses, and the final state and run."""
   data, fsdp, tensor = mesh
   config = smoke(name, f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}")
-  run = train.build(config, jax.devices()[:math.prod(mesh)])
+  run = run_lib.build(config, jax.devices()[:math.prod(mesh)])
   state = run.init_state()
   initial = jax.device_get(state.params)
   step = train.jit_train_step(run)
@@ -269,9 +271,9 @@ def test_sharded_training_equals_one_device(model, mesh_name):
 
 
 def test_building_a_run_compiles_nothing_and_init_makes_only_shards():
-  run = train.build(smoke("gpt_pydocs", "mesh.data=1", "mesh.fsdp=8"))
+  run = run_lib.build(smoke("gpt_pydocs", "mesh.data=1", "mesh.fsdp=8"))
   with CompileCounter() as counter:
-    train.build(smoke("gpt_pydocs", "mesh.data=1", "mesh.fsdp=8"))
+    run_lib.build(smoke("gpt_pydocs", "mesh.data=1", "mesh.fsdp=8"))
   assert counter.count == 0
   state = run.init_state()
   embedding = state.params["token_embed"]["embedding"]

@@ -8,8 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcollab import config as config_lib, data, evaluate, sharding, train
-from jaxcollab.config import UserError
+from jaxcollab import config as config_lib
+from jaxcollab import data, evaluate, sharding, train
+from jaxcollab import run as run_lib
+from jaxcollab.errors import NonFiniteLossError, UserError
 
 ONE_DEVICE = jax.devices()[:1]
 
@@ -18,7 +20,7 @@ def smoke(name: str, *overrides: str) -> config_lib.ConfigDict:
   return config_lib.apply_overrides(config_lib.load_experiment(name, "smoke"), list(overrides))
 
 
-def first_batch(run: train.Run, batch_size: int) -> dict:
+def first_batch(run: run_lib.Run, batch_size: int) -> dict:
   it = run.dataset.train_iterator(batch_size=batch_size, seed=0)
   return sharding.to_global(next(it), sharding.batch_sharding(run.mesh))
 
@@ -35,7 +37,7 @@ MODELS = {
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_loss_falls_on_a_fixed_batch(model):
   name, overrides = MODELS[model]
-  run = train.build(smoke(name, *overrides, "optimizer.schedule=constant"), ONE_DEVICE)
+  run = run_lib.build(smoke(name, *overrides, "optimizer.schedule=constant"), ONE_DEVICE)
   state = run.init_state()
   batch = first_batch(run, run.config.train.batch_size)
   step = train.jit_train_step(run)
@@ -50,7 +52,7 @@ def test_loss_falls_on_a_fixed_batch(model):
 
 def test_jit_equals_no_jit():
   # The one-layer GPT with dropout: eager mode dispatches op by op, so keep it small.
-  run = train.build(smoke("gpt_pydocs", "model.dropout=0.1", "model.num_layers=1", "train.batch_size=4"), ONE_DEVICE)
+  run = run_lib.build(smoke("gpt_pydocs", "model.dropout=0.1", "model.num_layers=1", "train.batch_size=4"), ONE_DEVICE)
   batch = first_batch(run, run.config.train.batch_size)
   jitted, m1 = jax.jit(train.train_step)(run.init_state(), batch)
   eager, m2 = train.train_step(run.init_state(), batch)  # Op by op, as jax dispatches without jit.
@@ -60,7 +62,7 @@ def test_jit_equals_no_jit():
 
 
 def test_step_is_a_pure_function_of_state_and_batch():
-  run = train.build(smoke("gpt_pydocs", "model.dropout=0.2"), ONE_DEVICE)
+  run = run_lib.build(smoke("gpt_pydocs", "model.dropout=0.2"), ONE_DEVICE)
   batch = first_batch(run, run.config.train.batch_size)
   step = jax.jit(train.train_step)  # No donation: the same state is used twice.
   state = run.init_state()
@@ -77,7 +79,7 @@ def test_step_is_a_pure_function_of_state_and_batch():
 @pytest.mark.parametrize("name, eval_batch", [("mlp_digits", 64), ("gpt_pydocs", 24)])
 def test_evaluation_counts_every_example_once(name, eval_batch):
   config = smoke(name, f"train.eval_batch_size={eval_batch}")
-  run = train.build(config, jax.devices())  # 8 devices: padding must still count each example once.
+  run = run_lib.build(config, jax.devices())  # 8 devices: padding must still count each example once.
   sums = evaluate.Evaluator(run).sums(run.init_state().params, {})
   if name == "mlp_digits":
     assert sums["count"] == run.dataset.info.eval_size == 360
@@ -89,7 +91,7 @@ def test_evaluation_counts_every_example_once(name, eval_batch):
 
 def test_stops_on_nan_with_the_step(tmp_path):
   config = smoke("mlp_digits", "optimizer.name=sgd", "optimizer.learning_rate=1e30", "train.steps=20")
-  with pytest.raises(train.NonFiniteLossError, match=r"at step \d+"):
+  with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
     train.train_and_evaluate(config, str(tmp_path))
 
 
@@ -126,7 +128,7 @@ def test_workdir_has_everything(tmp_path):
 
 def test_impossible_batch_for_mesh():
   with pytest.raises(UserError, match="not divisible by mesh data"):
-    train.build(smoke("mlp_digits", "train.batch_size=12"), jax.devices())
+    run_lib.build(smoke("mlp_digits", "train.batch_size=12"), jax.devices())
 
 
 @pytest.mark.slow

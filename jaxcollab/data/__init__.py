@@ -11,12 +11,14 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 
-from jaxcollab.config import UserError
+from jaxcollab import config as config_lib
 from jaxcollab.data import catalog, embedded
 from jaxcollab.data.embedded import pydocs_bytes, unigram_entropy_bits
 from jaxcollab.data.pipeline import Dataset, DatasetInfo, Example, ImageExamples, TextWindows
+from jaxcollab.errors import ConfigError, UserError
 
-__all__ = ["DATASETS", "Dataset", "DatasetInfo", "Spec", "get_dataset", "pydocs_bytes", "unigram_entropy_bits"]
+__all__ = ["DATASETS", "Dataset", "DatasetInfo", "Spec", "check", "get_dataset", "pydocs_bytes",
+           "unigram_entropy_bits"]
 
 BYTE_VOCAB = 256
 
@@ -57,12 +59,20 @@ def _split_loader(name: str, spec: Spec, data_dir: str) -> Callable[[str], Seque
   return functools.partial(catalog.text_bytes, spec.tfds_name, data_dir=data_dir)
 
 
+def check(dataset: ml_collections.ConfigDict) -> Spec:
+  """The Spec of `dataset.name`, or a ConfigError for a name or value this dataset cannot use."""
+  spec = config_lib.lookup(DATASETS, "dataset.name", dataset.name)
+  if spec.kind == "text" and dataset.seq_len <= 0:
+    raise ConfigError(f"dataset.seq_len must be positive, got {dataset.seq_len}; set it to e.g. 128.")
+  if dataset.num_workers < 0:
+    raise ConfigError(f"dataset.num_workers must be >= 0 (0 reads in the main process), got {dataset.num_workers}.")
+  return spec
+
+
 def get_dataset(config: ml_collections.ConfigDict) -> Dataset:
   """The dataset `config.dataset.name` with its train split loaded (TFDS: opened, not read)."""
   c = config.dataset
-  if c.name not in DATASETS:
-    raise UserError(f"Unknown dataset {c.name!r}; set dataset.name to one of {', '.join(DATASETS)}.")
-  spec = DATASETS[c.name]
+  spec = check(c)
   load = _split_loader(c.name, spec, c.data_dir)
 
   def split_examples(split: str) -> Sequence[Example]:
@@ -73,8 +83,6 @@ def get_dataset(config: ml_collections.ConfigDict) -> Dataset:
     return TextWindows(loaded, c.seq_len, pad_tail=True) if spec.kind == "text" else loaded
 
   if spec.kind == "text":
-    if c.seq_len <= 0:
-      raise UserError(f"dataset.seq_len must be positive, got {c.seq_len}; set it to e.g. 128.")
     train = TextWindows(load("train"), c.seq_len, pad_tail=False)
   else:
     train = load("train")

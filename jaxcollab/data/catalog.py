@@ -12,7 +12,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxcollab.config import UserError
+from jaxcollab.errors import UserError
 
 # lm1b's train split is ~4 GB of sentences; byte-level windows over all of it would not fit
 # in host memory, so each text split is read up to this many bytes (tiny_shakespeare is ~1 MB

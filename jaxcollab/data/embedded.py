@@ -16,7 +16,8 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 PYDOCS_TRAIN_FRACTION = 0.9
 # The digits split, computed once per machine with scikit-learn, is kept here as arrays.
-DATA_CACHE = os.environ.get("JAXCOLLAB_DATA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxcollab", "data"))
+DATA_CACHE = os.environ.get("JAXCOLLAB_DATA_CACHE",
+                            os.path.join(os.path.expanduser("~"), ".cache", "jaxcollab", "data"))
 
 
 def _digits_cache_path() -> str:

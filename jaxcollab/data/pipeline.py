@@ -18,8 +18,8 @@ import grain
 import numpy as np
 from absl import flags
 
-from jaxcollab.config import UserError
 from jaxcollab.data import augment as augment_lib
+from jaxcollab.errors import UserError
 
 Example = dict[str, Any]
 # Batches are assembled in a background thread a few steps ahead; a small buffer because the

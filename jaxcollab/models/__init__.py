@@ -1,91 +1,94 @@
-"""Models by name: each factory turns `config.model` into a small frozen dataclass and a flax module.
+"""Models by name: one file each, found through `MODELS`; the experiment config stops here.
 
-The experiment config stops here: modules see only their dataclass (MLPConfig, CNNConfig,
-ResNetConfig, GPTConfig). Every module takes `(x, train: bool)`, where x is float32 images
-[B, H, W, C] or int32 tokens [B, L], and returns float32 logits ([B, classes] or [B, L, V]).
+A model file `models/<name>.py` declares, beside its flax module:
+  TASK             "image" (float32 images [B, H, W, C] -> logits [B, classes]) or "text"
+                   (int32 tokens [B, L] -> logits [B, L, V]); modules take `(x, train: bool)`.
+  config_fields()  the model.* keys it reads besides name/activation/dtype, with defaults and comments.
+  check(model, dataset)  ConfigError for values it cannot use.
+  make(model, info, dtype)  the flax module, built from a small frozen dataclass (never the config).
+  AXIS_KEYS        config keys behind its logical axis names, for sharding error messages.
+Adding a model is that file plus one line in `MODELS` (README, "Add a model").
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import importlib
+import logging
+from collections.abc import Collection
+from types import ModuleType
+from typing import Any, TypeAlias
 
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from jaxcollab.models.activations import ACTIVATIONS
-from jaxcollab.models.cnn import CNN, CNNConfig
-from jaxcollab.models.gpt import GPT, GPT_SIZES, GPTConfig
-from jaxcollab.models.mlp import MLP, MLPConfig
-from jaxcollab.models.resnet import ResNet, ResNetConfig
+from jaxcollab import config as config_lib
+from jaxcollab.errors import ConfigError
+from jaxcollab.models import activations
 
-ConfigDict = ml_collections.ConfigDict
-ModelFactory = Callable[[ConfigDict, Any], nn.Module]  # (config.model, DatasetInfo) -> module
+ConfigDict: TypeAlias = ml_collections.ConfigDict
 
+# model.name -> the module that defines it (big_vision style); a model outside this package can be
+# registered the same way, e.g. MODELS["linear"] = "mypackage.linear".
+MODELS: dict[str, str] = {
+    "mlp": "jaxcollab.models.mlp",
+    "cnn": "jaxcollab.models.cnn",
+    "resnet": "jaxcollab.models.resnet",
+    "gpt": "jaxcollab.models.gpt",
+}
+ACTIVATIONS = activations.ACTIVATIONS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-GPT_FIELDS = ("num_layers", "num_heads", "embed_dim", "mlp_dim", "context")
 
 
-def _dtype(model_config: ConfigDict) -> Any:
-  if model_config.dtype not in DTYPES:
-    raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got {model_config.dtype!r}.")
-  return DTYPES[model_config.dtype]
+def get(name: str) -> ModuleType:
+  """The model file registered as `name`."""
+  return importlib.import_module(config_lib.lookup(MODELS, "model.name", name))
 
 
-def gpt_dims(model_config: ConfigDict) -> dict[str, int]:
-  """GPT shape fields: from GPT_SIZES[model.size] when a size is named, else from the model fields."""
-  size = model_config.get("size", "")
-  if size:
-    if size not in GPT_SIZES:
-      raise ValueError(f"Unknown model.size {size!r}; choose one of {', '.join(sorted(GPT_SIZES))}.")
-    return dict(GPT_SIZES[size])
-  return {k: int(model_config[k]) for k in GPT_FIELDS}
+def resolve(config: ConfigDict, overridden: Collection[str] = (), drop_unread: bool = False) -> ConfigDict:
+  """`config` with the chosen model's fields completed from its defaults, type-checked and checked.
+
+  A model key the model does not read is an error when the user set it (`overridden`) or the
+  experiment set it for this model; when the model itself was switched on the command line (or
+  `drop_unread`, for configs saved by older versions), another model's keys are dropped.
+  """
+  config = ConfigDict(config.to_dict())
+  module = get(config.model.name)
+  config_lib.lookup(ACTIVATIONS, "model.activation", config.model.activation)
+  fields = module.config_fields()
+  unread = [k for k in config.model if k not in fields and k not in config_lib.SHARED_MODEL_KEYS]
+  switched = "model.name" in overridden or drop_unread
+  for key in unread:
+    if f"model.{key}" in overridden or not switched:
+      raise ConfigError(f"Model {config.model.name!r} does not read model.{key}; its keys are "
+                        f"{', '.join(f'model.{k}' for k in (*config_lib.SHARED_MODEL_KEYS, *fields))}.")
+  if unread:
+    logging.info("Model %r does not read %s; dropped.", config.model.name, ", ".join(f"model.{k}" for k in unread))
+  values = {k: config.model[k] for k in config_lib.SHARED_MODEL_KEYS}
+  for key, default in fields.items():
+    values[key] = config_lib.coerce(f"model.{key}", config.model[key], default) if key in config.model else default
+  config.model = ConfigDict(values)
+  module.check(config.model, config.dataset)
+  return config
 
 
-def _mlp(model_config: ConfigDict, info: Any) -> MLP:
-  """flatten -> Dense(model.hidden) -> activation -> Dense(classes)."""
-  return MLP(MLPConfig(info.num_classes, int(model_config.hidden), model_config.activation, _dtype(model_config)))
-
-
-def _cnn(model_config: ConfigDict, info: Any) -> CNN:
-  """model.features conv layers, each with 2x2 average pooling, then Dense(model.dense) and the head."""
-  features = tuple(int(f) for f in model_config.features)
-  return CNN(CNNConfig(info.num_classes, features, int(model_config.dense), model_config.activation,
-                       _dtype(model_config)))
-
-
-def _resnet(model_config: ConfigDict, info: Any) -> ResNet:
-  """ResNet-{18,34,50} with model.width first-stage channels and a cifar or imagenet stem."""
-  return ResNet(ResNetConfig(info.num_classes, int(model_config.depth), int(model_config.width), model_config.stem,
-                             model_config.activation, _dtype(model_config)))
-
-
-def _gpt(model_config: ConfigDict, info: Any) -> GPT:
-  """GPT-2-style LM over info.vocab_size tokens, sized by model.size or the explicit fields."""
-  return GPT(GPTConfig(
-      vocab_size=int(info.vocab_size),
-      **gpt_dims(model_config),
-      dropout=float(model_config.dropout),
-      activation=model_config.activation,
-      tied=bool(model_config.tied),
-      remat=bool(model_config.remat),
-      dtype=_dtype(model_config),
-  ))
-
-
-# Factories are private so that `jaxcollab.models.gpt` etc. stay the submodules.
-MODELS: dict[str, ModelFactory] = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet, "gpt": _gpt}
+def portable(config: ConfigDict) -> ConfigDict:
+  """A saved config made readable on any machine: the model's PORTABLE keys (kernel choices such as
+  the GPT's attention, which change speed, not results) take their machine-independent values."""
+  config = ConfigDict(config.to_dict())
+  for key, value in getattr(get(config.model.name), "PORTABLE", {}).items():
+    if key in config.model:
+      config.model[key] = value
+  return config
 
 
 def build(config: ConfigDict, info: Any) -> nn.Module:
   """The module that `config.model.name` names, built for the dataset described by `info`."""
-  name = config.model.name
-  if name not in MODELS:
-    raise ValueError(f"Unknown model.name {name!r}; choose one of {', '.join(sorted(MODELS))}.")
-  return MODELS[name](config.model, info)
+  # Checked against the dataset it is built for (a saved run's, or a test's), not config.dataset.
+  dataset = ConfigDict(config.dataset.to_dict())
+  dataset.seq_len = info.seq_len or 0
+  model = resolve(ConfigDict({**config.to_dict(), "dataset": dataset.to_dict()}), drop_unread=True).model
+  return get(model.name).make(model, info, DTYPES[model.dtype])
 
 
-__all__ = [
-    "ACTIVATIONS", "CNN", "CNNConfig", "GPT", "GPTConfig", "GPT_SIZES", "MLP", "MLPConfig", "MODELS",
-    "ResNet", "ResNetConfig", "build", "gpt_dims",
-]
+__all__ = ["ACTIVATIONS", "DTYPES", "MODELS", "build", "get", "resolve"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from jaxcollab import config as config_lib
 
 
 def identity(x: jax.Array) -> jax.Array:
@@ -28,7 +30,5 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def get(name: str) -> Callable[[jax.Array], jax.Array]:
-  """The activation called `name`, or a ValueError listing the valid names."""
-  if name not in ACTIVATIONS:
-    raise ValueError(f"Unknown activation {name!r}; choose one of {', '.join(sorted(ACTIVATIONS))}.")
-  return ACTIVATIONS[name]
+  """The activation called `name`, or a ConfigError listing the valid names."""
+  return config_lib.lookup(ACTIVATIONS, "model.activation", name)

@@ -9,18 +9,27 @@ Decoding (flax lm1b style): `init(..., tokens_BxS, decode=True)` creates a `cach
 sized for S positions; then each `apply(..., tokens_BxL, decode=True, mutable=["cache"])`
 appends L tokens and returns their logits. Jitted steps cannot check bounds, so the sampler
 stops at S tokens (slices past the cache or `context` would clamp, not fail).
+
+Attention runs through `jax.nn.dot_product_attention` with the implementation that
+`attention_implementation` picks: cuDNN's fused kernel on NVIDIA GPUs in bf16/fp16, XLA elsewhere.
+`scan_layers` runs the blocks as one `nn.scan` (MaxText's scan_layers) so that compile time stays
+flat in depth; `scan_params`/`unscan_params` map between the two parameter layouts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from jaxcollab.errors import ConfigError
 from jaxcollab.models import activations
 
 # Shape letters, used as suffixes on array names:
@@ -35,6 +44,74 @@ GPT_SIZES: dict[str, dict[str, int]] = {
     "gpt2-large": dict(num_layers=36, num_heads=20, embed_dim=1280, mlp_dim=5120, context=1024),
     "gpt2-xl": dict(num_layers=48, num_heads=25, embed_dim=1600, mlp_dim=6400, context=1024),
 }
+DIMS = ("num_layers", "num_heads", "embed_dim", "mlp_dim", "context")
+
+TASK = "text"
+# Read back on any machine with these: the attention kernel changes speed, not the model, and a run
+# trained with cuDNN attention on a GPU must load on a laptop CPU.
+PORTABLE = {"attention": "auto"}
+# Config keys behind the logical axis names, named when a mesh cannot split that axis.
+AXIS_KEYS = {"heads": "model.num_heads", "mlp": "model.mlp_dim", "embed": "model.embed_dim",
+             "vocab": "the vocabulary size"}
+
+
+def config_fields() -> ml_collections.ConfigDict:
+  """The model.* keys the GPT reads besides name, activation and dtype, with their defaults."""
+  c = ml_collections.ConfigDict()
+  c.size = ""  # named size (gpt2-124m, gpt2-medium, tiny, small, ...) or "" to use the five fields below.
+  c.num_layers = 4  # int > 0: transformer blocks.
+  c.num_heads = 4  # int > 0: attention heads; must divide embed_dim.
+  c.embed_dim = 128  # int > 0: residual stream width.
+  c.mlp_dim = 512  # int > 0: hidden width of each block's MLP.
+  c.context = 256  # int > 0: learned positions (max sequence length); >= dataset.seq_len.
+  c.dropout = 0.0  # float in [0, 1): dropout on the embeddings and each residual branch.
+  c.remat = False  # bool: rematerialise each block in the backward pass (saves memory).
+  c.tied = True  # bool: the output head shares the token embedding matrix.
+  c.attention = "auto"  # auto (cuDNN fused attention on NVIDIA GPUs in bfloat16, XLA elsewhere) | xla | cudnn.
+  c.scan_layers = False  # bool: one nn.scan over the blocks (compile time flat in depth; stacked params).
+  return c
+
+
+def dims(model: ml_collections.ConfigDict) -> dict[str, int]:
+  """Shape fields: from GPT_SIZES[model.size] when a size is named, else from the model fields."""
+  if model.get("size", ""):
+    if model.size not in GPT_SIZES:
+      raise ConfigError(f"Unknown model.size {model.size!r}; choose one of {', '.join(sorted(GPT_SIZES))}.")
+    return dict(GPT_SIZES[model.size])
+  return {k: int(model[k]) for k in DIMS}
+
+
+def check(model: ml_collections.ConfigDict, dataset: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for a value the GPT cannot use."""
+  d = dims(model)
+  for key in DIMS:
+    if d[key] <= 0:
+      raise ConfigError(f"model.{key} must be a positive integer, got {d[key]}.")
+  if d["embed_dim"] % d["num_heads"]:
+    raise ConfigError(f"model.num_heads ({d['num_heads']}) must divide model.embed_dim ({d['embed_dim']}).")
+  if not 0 <= model.dropout < 1:
+    raise ConfigError(f"model.dropout must be in [0, 1), got {model.dropout}.")
+  if dataset.seq_len > d["context"]:
+    raise ConfigError(f"dataset.seq_len ({dataset.seq_len}) exceeds model.context ({d['context']}); raise "
+                      "model.context or lower dataset.seq_len.")
+  if model.attention not in ATTENTION_CHOICES:
+    raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {model.attention!r}.")
+
+
+def make(model: ml_collections.ConfigDict, info: Any, dtype: Any) -> GPT:
+  """GPT-2-style LM over info.vocab_size tokens, sized by model.size or the explicit fields.
+
+  Resolves model.attention for the default device, so an impossible choice fails here, before any compile.
+  """
+  d = dims(model)
+  platform, capability = current_platform()
+  attention = attention_implementation(model.attention, platform, dtype, d["embed_dim"] // d["num_heads"], capability)
+  return GPT(GPTConfig(vocab_size=int(info.vocab_size), **d, dropout=float(model.dropout),
+                       activation=model.activation, tied=bool(model.tied), remat=bool(model.remat), dtype=dtype,
+                       attention=attention, scan_layers=bool(model.scan_layers)))
+
+
+Implementation = Literal["xla", "cudnn"]  # What jax.nn.dot_product_attention accepts.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +129,49 @@ class GPTConfig:
   tied: bool = True
   remat: bool = False
   dtype: Any = jnp.float32  # Compute dtype; parameters stay float32, logits are returned as float32.
+  attention: Implementation = "xla"  # The resolved implementation (see attention_implementation).
+  scan_layers: bool = False  # One nn.scan over the blocks: params under "blocks" with a leading layer axis.
+
+
+ATTENTION_CHOICES = ("auto", "xla", "cudnn")  # Values of the config key model.attention.
+_CUDNN_DTYPES = ("bfloat16", "float16")
+
+
+def attention_implementation(requested: str, platform: str, dtype: Any, head_dim: int,
+                             compute_capability: str | None = None) -> Implementation:
+  """The `jax.nn.dot_product_attention` implementation for a request on a platform, or a ConfigError.
+
+  `platform` is "cuda", "rocm", "cpu" or "tpu"; `compute_capability` ("9.0") decides cuDNN's head-dim
+  limit (256 from Hopper on, else 128), as jax's own check does.
+  """
+  if requested not in ATTENTION_CHOICES:
+    raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {requested!r}.")
+  if requested == "xla":
+    return "xla"
+  dtype_name = jnp.dtype(dtype).name
+  hopper = compute_capability is not None and tuple(map(int, compute_capability.split("."))) >= (9, 0)
+  head_max = 256 if hopper else 128
+  problems = []
+  if platform != "cuda":
+    problems.append(f"it needs an NVIDIA GPU and this run is on {platform}")
+  if dtype_name not in _CUDNN_DTYPES:
+    problems.append(f"it needs model.dtype=bfloat16, not {dtype_name}")
+  if head_dim % 8 or head_dim > head_max:
+    problems.append(f"its head dim (embed_dim / num_heads = {head_dim}) must be a multiple of 8 and <= {head_max}")
+  if not problems:
+    return "cudnn"
+  if requested == "auto":
+    return "xla"
+  raise ConfigError(f"model.attention=cudnn is impossible here: {'; '.join(problems)}; use model.attention=auto.")
+
+
+def current_platform() -> tuple[str, str | None]:
+  """("cuda" | "rocm" | "cpu" | "tpu", compute capability or None) of the default device."""
+  device = jax.devices()[0]
+  if device.platform == "gpu":
+    version = str(getattr(device.client, "platform_version", "")).lower()
+    return ("rocm" if "rocm" in version else "cuda"), getattr(device, "compute_capability", None)
+  return device.platform, None
 
 
 def _normal(std: float, names: tuple[str | None, ...]) -> nn.initializers.Initializer:
@@ -107,21 +227,26 @@ class CausalSelfAttention(nn.Module):
 
     if decode and self.has_variable("cache", "key"):
       # Append this step's keys/values at the cache index; queries see every filled slot up to theirs.
-      key, value = self.variable("cache", "key"), self.variable("cache", "value")
-      index = self.variable("cache", "index")
+      key: nn.Variable[jax.Array] = self.variable("cache", "key")
+      value: nn.Variable[jax.Array] = self.variable("cache", "value")
+      index: nn.Variable[jax.Array] = self.variable("cache", "index")
       i = index.value
       k_BxSxHxK = jax.lax.dynamic_update_slice(key.value, k_BxLxHxK.astype(key.value.dtype), (0, i, 0, 0))
       v_BxSxHxK = jax.lax.dynamic_update_slice(value.value, v_BxLxHxK.astype(value.value.dtype), (0, i, 0, 0))
       key.value, value.value, index.value = k_BxSxHxK, v_BxSxHxK, i + L
       S = k_BxSxHxK.shape[1]
       mask_1x1xLxS = (jnp.arange(S)[None, :] <= i + jnp.arange(L)[:, None])[None, None]
-      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_1x1xLxS)
+      # Always XLA: cuDNN's causal mask is aligned at the top left, so a chunk at offset i > 0 needs this
+      # explicit mask, which cuDNN would turn into a dense bias; one-token steps are memory-bound anyway.
+      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_1x1xLxS,
+                                                 implementation="xla")
     else:
       if decode:  # First (init) call in decode mode: size the cache from this input's length.
         self.variable("cache", "key", jnp.zeros, k_BxLxHxK.shape, k_BxLxHxK.dtype)
         self.variable("cache", "value", jnp.zeros, v_BxLxHxK.shape, v_BxLxHxK.dtype)
         self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
+      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True,
+                                                 implementation=c.attention)
 
     out_BLxHxK = nn.with_logical_constraint(out_BxLxHxK.reshape(B * L, H, K), ("batch", "heads", "kv"))
     return nn.Einsum(
@@ -176,6 +301,23 @@ class Block(nn.Module):
     return x_BLxD.reshape(B, L, D)
 
 
+def _block(c: GPTConfig) -> type[Block]:
+  # Static positions count `self`: (self, x, train, decode).
+  return nn.remat(Block, static_argnums=(2, 3)) if c.remat else Block
+
+
+class _ScanBlock(nn.Module):
+  """Block in nn.scan's (carry, x) -> (carry, y) form; train/decode are static attributes."""
+
+  config: GPTConfig
+  train: bool = False
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, _: None) -> tuple[jax.Array, None]:
+    return _block(self.config)(self.config, name="block")(x_BxLxD, self.train, self.decode), None
+
+
 class GPT(nn.Module):
   """Tokens [B, L] int32 -> next-token logits [B, L, V] float32."""
 
@@ -200,7 +342,7 @@ class GPT(nn.Module):
     )
     # The position axis is never sharded (None): every shard needs all positions.
     pos_CxD = self.param("position_embed", _normal(0.02, (None, "embed")), (c.context, D), jnp.float32)
-    start = 0
+    start: int | jax.Array = 0
     if decode:
       initialized = self.has_variable("cache", "index")
       index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
@@ -211,14 +353,23 @@ class GPT(nn.Module):
     x_BxLxD = nn.with_logical_constraint(embed(tokens_BxL), ("batch", None, None)) + pos_LxD[None]
     x_BxLxD = nn.Dropout(c.dropout, deterministic=not train)(x_BxLxD)
 
-    # Static positions count `self`: (self, x, train, decode).
-    block = nn.remat(Block, static_argnums=(2, 3)) if c.remat else Block
-    for i in range(c.num_layers):
-      x_BxLxD = block(c, name=f"block_{i}")(x_BxLxD, train, decode)
+    if c.scan_layers:
+      # One traced block instead of num_layers copies: compile time stays flat in depth. Parameters
+      # (and the decode cache) gain a leading layer axis, logically named "layers" (never sharded).
+      stack = nn.scan(_ScanBlock, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+                      length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxLxD, _ = stack(c, train, decode, name="blocks")(x_BxLxD, None)
+    else:
+      for i in range(c.num_layers):
+        x_BxLxD = _block(c)(c, name=f"block_{i}")(x_BxLxD, train, decode)
 
     x_BLxD = _layer_norm(c, "ln_f")(x_BxLxD.reshape(B * L, D))
+    # The head multiplies in the compute dtype but accumulates into float32 logits (MaxText's
+    # logits_dot_in_fp32): the softmax sees no bf16 rounding, and no bf16 copy of [B*L, V] is made.
+    f32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
     if c.tied:
-      logits_BLxV = embed.attend(x_BLxD)
+      w_VxD = embed.embedding.astype(c.dtype)
+      logits_BLxV = f32_dot(x_BLxD.astype(c.dtype), w_VxD, (((1,), (1,)), ((), ())))
     else:
       logits_BLxV = nn.Dense(
           c.vocab_size,
@@ -226,7 +377,46 @@ class GPT(nn.Module):
           dtype=c.dtype,
           param_dtype=jnp.float32,
           kernel_init=_normal(0.02, ("embed", "vocab")),
+          dot_general=f32_dot,
           name="head",
       )(x_BLxD)
     logits_BLxV = nn.with_logical_constraint(logits_BLxV, ("batch", "vocab"))
     return logits_BLxV.reshape(B, L, c.vocab_size).astype(jnp.float32)
+
+
+def scan_params(tree: Any, num_layers: int) -> Any:
+  """Unscanned layout (block_0 .. block_{N-1}) -> scanned (blocks/block, leading layer axis), anywhere in `tree`.
+
+  Works on params and on anything holding param-shaped subtrees (Adam's moments in an optax state).
+  """
+
+  def convert(node: Mapping) -> dict:
+    blocks = [node[f"block_{i}"] for i in range(num_layers)]
+    rest = {k: v for k, v in node.items() if not (k.startswith("block_") and k[6:].isdigit())}
+    return {**rest, "blocks": {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}}
+
+  return _map_dicts(tree, lambda node: "block_0" in node, convert)
+
+
+def unscan_params(tree: Any, num_layers: int) -> Any:
+  """Inverse of `scan_params`: blocks/block with a leading layer axis -> block_0 .. block_{N-1}."""
+
+  def convert(node: Mapping) -> dict:
+    stacked = node["blocks"]["block"]
+    rest = {k: v for k, v in node.items() if k != "blocks"}
+    return {**rest, **{f"block_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}}
+
+  return _map_dicts(tree, lambda node: "blocks" in node, convert)
+
+
+def _map_dicts(tree: Any, match, convert) -> Any:
+  """Applies `convert` to every mapping in `tree` that `match`es, rebuilding dicts and (named)tuples around it."""
+  if isinstance(tree, Mapping):
+    if match(tree):
+      return convert(tree)
+    return type(tree)({k: _map_dicts(v, match, convert) for k, v in tree.items()}) if isinstance(tree, dict) else {
+        k: _map_dicts(v, match, convert) for k, v in tree.items()}
+  if isinstance(tree, tuple):
+    items = [_map_dicts(v, match, convert) for v in tree]
+    return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+  return tree

@@ -8,8 +8,8 @@ import tensorflow_datasets as tfds
 
 from jaxcollab import config as config_lib
 from jaxcollab import data
-from jaxcollab.config import UserError
 from jaxcollab.data import catalog
+from jaxcollab.errors import UserError
 
 
 def _config(name, data_dir, **dataset):

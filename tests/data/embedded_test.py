@@ -7,7 +7,7 @@ from jaxcollab.data import embedded
 
 def test_digits_split_sizes_range_and_determinism():
   arrays = embedded.digits_arrays()
-  (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
+  (x_train, y_train), (x_test, _) = arrays["train"], arrays["test"]
   assert x_train.shape == (1437, 8, 8, 1) and x_test.shape == (360, 8, 8, 1)
   assert x_train.dtype == np.float32 and y_train.dtype == np.int32
   assert x_train.min() == 0.0 and x_train.max() == 1.0 and x_test.max() <= 1.0

@@ -8,9 +8,9 @@ import pytest
 
 from jaxcollab import config as config_lib
 from jaxcollab import data
-from jaxcollab.config import UserError
 from jaxcollab.data import augment as augment_lib
 from jaxcollab.data import pipeline
+from jaxcollab.errors import UserError
 
 
 def _config(name="digits", **dataset):
@@ -42,7 +42,7 @@ def _assert_same(a, b):
 
 
 def test_unknown_dataset_name_lists_valid_names():
-  with pytest.raises(UserError, match="digits, pydocs, mnist"):
+  with pytest.raises(UserError, match="did you mean .mnist.*choose one of cifar10, digits"):
     data.get_dataset(_config("mnits"))
 
 

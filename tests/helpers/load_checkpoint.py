@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 import jaxcollab
-from jaxcollab import train
+from jaxcollab import run as run_lib
 
 
 def main(path: str, step: str, out: str) -> None:
@@ -22,7 +22,7 @@ def main(path: str, step: str, out: str) -> None:
   from jaxcollab import data  # pylint: disable=g-import-not-at-top
 
   info = data.get_dataset(config).info
-  logits = model.apply(variables, train.model_input(train.example_batch(info)), train=False)
+  logits = model.apply(variables, run_lib.model_input(run_lib.example_batch(info)), train=False)
   print(json.dumps({
       "devices": jax.device_count(),
       "on": sorted({str(d) for x in jax.tree.leaves(variables) for d in x.devices()}),

@@ -41,5 +41,5 @@ def test_each_activation_drives_a_model(name):
 
 
 def test_unknown_activation_is_a_clear_error():
-  with pytest.raises(ValueError, match="Unknown activation 'rleu'.*relu"):
+  with pytest.raises(ValueError, match="Unknown model.activation 'rleu'.*relu"):
     activations.get("rleu")

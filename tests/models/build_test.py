@@ -2,6 +2,7 @@
 
 import collections
 import functools
+import types
 
 import flax.linen as nn
 import jax
@@ -12,6 +13,7 @@ import pytest
 
 from jaxcollab import config as config_lib
 from jaxcollab import models
+from jaxcollab.models import gpt as gpt_lib
 
 Info = collections.namedtuple("Info", "name kind image_shape num_classes vocab_size seq_len")
 IMAGES = Info("toy", "image", (8, 8, 3), 5, None, None)
@@ -139,13 +141,13 @@ def test_registry_and_build_errors():
 
 
 def test_gpt_dims_named_size_overrides_fields():
-  config = config_lib.defaults()
-  assert models.gpt_dims(config.model) == dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, context=256)
-  config.model.size = "gpt2-124m"
-  assert models.gpt_dims(config.model) == dict(num_layers=12, num_heads=12, embed_dim=768, mlp_dim=3072, context=1024)
-  config.model.size = "gpt3"
+  model = gpt_lib.config_fields()
+  assert gpt_lib.dims(model) == dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, context=256)
+  model.size = "gpt2-124m"
+  assert gpt_lib.dims(model) == dict(num_layers=12, num_heads=12, embed_dim=768, mlp_dim=3072, context=1024)
+  model.size = "gpt3"
   with pytest.raises(ValueError, match="Unknown model.size 'gpt3'"):
-    models.gpt_dims(config.model)
+    gpt_lib.dims(model)
 
 
 # ResNet uses the same conv and classifier names as the CNN; its sharded compile costs ~10 s here.
@@ -165,3 +167,14 @@ def test_sharded_over_data_fsdp_tensor_matches_unsharded(name):
   x_sharded = jax.device_put(x, sharding.batch_sharding(mesh))
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   np.testing.assert_allclose(apply(sharded, x_sharded), apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_cudnn_run_reads_back_on_a_cpu():
+  config = config_lib.load_experiment("gpt_pydocs", "smoke")
+  config.model.attention = "cudnn"
+  info = types.SimpleNamespace(vocab_size=256, seq_len=32)
+  with pytest.raises(ValueError, match="model.attention=cudnn is impossible here"):
+    models.build(config, info)  # Training with it on a CPU is refused ...
+  readable = models.portable(config)  # ... but reading a saved run made with it works anywhere.
+  assert readable.model.attention == "auto" and config.model.attention == "cudnn"
+  assert models.build(readable, info).config.attention == "xla"  # What auto resolves to on a CPU.

@@ -1,0 +1,165 @@
+"""One run's parts: the resolved config, the TrainState, the model's forward pass, and `build`.
+
+Training, evaluation, sweeps and reloading all start here; nothing in this module trains,
+evaluates or writes files, so `jaxcollab.load` can use it without the training stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxcollab import config as config_lib
+from jaxcollab import data, losses, models, optim, sharding
+from jaxcollab.config import ConfigDict
+from jaxcollab.errors import ConfigError
+
+PyTree = Any
+Batch = dict[str, Any]
+
+
+def variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
+  """The variables dict a module's `apply` takes (BatchNorm statistics only where the model has them)."""
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything that changes during training; static fields hold the functions that use it."""
+
+  step: jax.Array  # int32 scalar: micro-steps taken.
+  params: PyTree
+  opt_state: PyTree
+  batch_stats: PyTree  # {} for models without BatchNorm.
+  rng: jax.Array  # uint32[2]: raw key data (plain array, so checkpoints restore without jaxcollab).
+  apply_fn: Callable = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  loss_fn: Callable = flax.struct.field(pytree_node=False)
+  lr_fn: Callable = flax.struct.field(pytree_node=False)
+
+  def variables(self) -> dict[str, PyTree]:
+    """The model variables that `apply_fn` takes."""
+    return variables(self.params, self.batch_stats)
+
+
+def model_input(batch: Batch) -> jax.Array:
+  """Images for classifiers, input tokens for language models."""
+  return batch["image"] if "image" in batch else batch["inputs"]
+
+
+def example_batch(info: data.DatasetInfo) -> dict[str, np.ndarray]:
+  """A one-example batch of zeros with the dataset's shapes and dtypes."""
+  if info.kind == "image":
+    assert info.image_shape is not None
+    return {"image": np.zeros((1, *info.image_shape), np.float32), "label": np.zeros((1,), np.int32),
+            "mask": np.ones((1,), np.float32)}
+  assert info.seq_len is not None
+  return {"inputs": np.zeros((1, info.seq_len), np.int32), "targets": np.zeros((1, info.seq_len), np.int32),
+          "mask": np.ones((1, info.seq_len), np.float32)}
+
+
+def init_variables(model: nn.Module, info: data.DatasetInfo, seed: int) -> PyTree:
+  """The model's variables as initialised from `seed`, with their logical-partitioning boxes."""
+  return model.init({"params": jax.random.PRNGKey(seed)}, model_input(example_batch(info)), train=False)
+
+
+def forward(state: TrainState, params: PyTree, batch: Batch, is_training: bool,
+            rng: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
+  """Logits and updated BatchNorm statistics (unchanged unless training a BatchNorm model)."""
+  mutable = ["batch_stats"] if is_training and state.batch_stats else False
+  rngs = {"dropout": rng} if rng is not None else None
+  out = state.apply_fn(variables(params, state.batch_stats), model_input(batch), train=is_training, rngs=rngs,
+                       mutable=mutable)
+  if mutable:
+    logits, updates = out
+    return logits, updates["batch_stats"]
+  return out, state.batch_stats
+
+
+def resolve(config: ConfigDict, overridden: Collection[str] = (), drop_unread: bool = False) -> ConfigDict:
+  """The complete, checked config: shared keys (config), then each component's own keys and names.
+
+  `overridden` are the keys set on the command line (`config.override_keys`), so that a model key
+  the chosen model does not read is refused when the user asked for it.
+  """
+  config = config_lib.validate(config)
+  config = models.resolve(config, overridden, drop_unread)
+  spec = data.check(config.dataset)
+  task = models.get(config.model.name).TASK
+  if spec.kind != task:
+    kind = "a text" if spec.kind == "text" else "an image"
+    raise ConfigError(f"Model {config.model.name!r} cannot train on {kind} dataset {config.dataset.name!r}; use "
+                      "model.name=gpt for text and mlp/cnn/resnet for images.")
+  losses.check(config.loss, task)
+  optim.check(config.optimizer, config.train.steps)
+  return config
+
+
+@dataclasses.dataclass
+class Run:
+  """What a run is built from; shared by training, evaluation and reloading."""
+
+  config: ConfigDict
+  dataset: data.Dataset
+  model: nn.Module
+  mesh: jax.sharding.Mesh
+  rules: sharding.Rules
+  abstract_state: TrainState  # ShapeDtypeStruct leaves: shapes, dtypes and functions, no arrays.
+  shardings: TrainState
+  init_fn: Callable[[], TrainState]
+
+  def init_state(self) -> TrainState:
+    """The initial state, born sharded: every device makes only its own shard."""
+    return sharding.create_sharded(self.init_fn, self.shardings)
+
+
+def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Run:
+  """Checks the config and layout, then makes the dataset, model, mesh and abstract sharded state.
+
+  Nothing compiles here: every impossible layout is a `UserError` before the first jit. Model keys
+  that the chosen model does not read are dropped with a notice here; the CLI refuses them earlier,
+  in `resolve`, when the user set them.
+  """
+  config = resolve(config, drop_unread=True)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.parse_rules(config.mesh.rules)
+  sharding.check_batch(config.train.batch_size, mesh)
+  sharding.check_batch(config.train.eval_batch_size, mesh, key="train.eval_batch_size")
+  if len({d.process_index for d in mesh.devices.flat}) > 1:
+    sharding.check_same_across_processes(config_lib.to_json(config), "The config")
+  dataset = data.get_dataset(config)
+  model = models.build(config, dataset.info)
+  tx, lr_fn = optim.make_optimizer(config.optimizer, config.train.steps)
+  accumulate = config.optimizer.accumulate_steps
+  loss_fn = losses.get_loss(config.loss)
+
+  def boxed_variables() -> PyTree:
+    return init_variables(model, dataset.info, config.seed)
+
+  def init_fn() -> TrainState:
+    unboxed = nn.unbox(boxed_variables())
+    params = unboxed["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        batch_stats=unboxed.get("batch_stats", {}),
+        rng=jax.random.PRNGKey(config.seed + 1),
+        apply_fn=model.apply,
+        tx=tx,
+        loss_fn=loss_fn,
+        lr_fn=lambda step: lr_fn(step // accumulate),
+    )
+
+  param_specs = sharding.logical_specs(jax.eval_shape(boxed_variables))["params"]
+  abstract = jax.eval_shape(init_fn)
+  sharding.check_params(param_specs, abstract.params, mesh, rules, models.get(config.model.name).AXIS_KEYS)
+  shardings = sharding.to_shardings(sharding.state_specs(abstract, param_specs), mesh, rules)
+  return Run(config, dataset, model, mesh, rules, abstract, shardings, init_fn)

@@ -1,0 +1,101 @@
+"""Runtime setup in one place: XLA flags, the compilation cache, logging, and the versions we record.
+
+The CLI, the tests' conftest and a notebook (`jaxcollab.configure()`) all call `configure`, so the
+three run with the same flags. XLA reads XLA_FLAGS when its backend starts: call `configure` before
+the first computation (importing jax is fine, running anything on a device is not).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import platform
+
+from jaxcollab import __version__
+
+# The distributions whose versions every run.json and checkpoint records.
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
+_NOISY_LOGGERS = ("absl", "jax", "orbax", "grain", "tensorflow_datasets")
+
+# jaxlib 0.10 routes CPU dots/convs through YNNPACK fusions, which ran our CNN step 2.4x slower on
+# x86 CPUs (benchmarks/ynn_fusion.py measures it). Only the CPU backend reads this flag.
+CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+
+# What MaxText sets for GPUs (end_to_end/gpu/a3/test_convergence_125m_params.sh), less two that change
+# more than speed: `--xla_gpu_enable_command_buffer=` (turns off CUDA graphs, which save launch overhead on
+# one GPU) and `--xla_disable_hlo_passes=rematerialization` (can run out of memory). The scheduler and
+# double-buffered while loops (model.scan_layers) matter on one GPU; the rest combine and overlap
+# collectives across GPUs. Only the GPU backend reads these; every one parses in jaxlib 0.10.2 (tested).
+GPU_FLAGS = (
+  "--xla_gpu_enable_latency_hiding_scheduler=true",
+  "--xla_gpu_enable_triton_gemm=false",
+  "--xla_gpu_enable_highest_priority_async_stream=true",
+  "--xla_gpu_enable_while_loop_double_buffering=true",
+  "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
+  "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
+  "--xla_gpu_reduce_scatter_combine_threshold_bytes=67108864",
+  "--xla_gpu_enable_pipelined_all_gather=true",
+  "--xla_gpu_enable_pipelined_reduce_scatter=true",
+  "--xla_gpu_enable_pipelined_all_reduce=true",
+  "--xla_gpu_enable_all_gather_combine_by_dim=false",
+  "--xla_gpu_enable_reduce_scatter_combine_by_dim=false",
+)
+# Opt-in ("1") until benchmarks/gpt_gpu.py has measured them on a GPU: unmeasured, they are a guess, and
+# an XLA that no longer knows one of them aborts the process at start.
+GPU_FLAGS_ENV = "JAXCOLLAB_GPU_FLAGS"
+
+
+def configure(cache_dir: str | None = None, log_level: int | None = logging.INFO) -> None:
+  """Sets the XLA flags per platform, a persistent compilation cache and quiet library logs.
+
+  cache_dir: where compiled programs are kept across processes; None = $JAXCOLLAB_CACHE or
+  ~/.cache/jaxcollab/xla; "" = no persistent cache. log_level None leaves logging alone.
+  """
+  set_xla_flags()
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if log_level is not None:
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for name in _NOISY_LOGGERS:
+      logging.getLogger(name).setLevel(logging.WARNING)
+  if cache_dir is None:
+    cache_dir = os.environ.get("JAXCOLLAB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxcollab", "xla"))
+  if cache_dir:
+    import jax  # pylint: disable=g-import-not-at-top  # After XLA_FLAGS is set above.
+
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def xla_flags(current: str, gpu: bool) -> str:
+  """`current` plus our flags for the platform; a flag the user already set keeps the user's value."""
+  names = {f.split("=", 1)[0] for f in current.split()}
+  ours = CPU_FLAGS + (GPU_FLAGS if gpu else ())
+  return " ".join([current.strip(), *(f for f in ours if f.split("=", 1)[0] not in names)]).strip()
+
+
+def has_cuda_jax() -> bool:
+  """Whether jax's CUDA plugin is installed (then a GPU backend may start; checked without starting jax)."""
+  return any(importlib.util.find_spec(name) is not None for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+
+
+def set_xla_flags() -> None:
+  """Adds our flags to the environment's XLA_FLAGS; call before jax's backend starts."""
+  gpu = os.environ.get(GPU_FLAGS_ENV, "0") == "1" and has_cuda_jax()
+  os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""), gpu)
+
+
+@functools.cache
+def versions() -> dict[str, str | None]:
+  """jaxcollab's, the libraries' and Python's versions, as run.json and checkpoints record them."""
+
+  out: dict[str, str | None] = {"jaxcollab": __version__}
+  for name in VERSIONED:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = None
+  out["python"] = platform.python_version()
+  return out

@@ -1,0 +1,53 @@
+"""XLA flags per platform: ours are added once, the user's win, and every GPU flag parses in this jaxlib."""
+
+import os
+import subprocess
+import sys
+
+from jaxcollab import runtime
+
+
+def test_cpu_gets_only_the_cpu_flags():
+  assert runtime.xla_flags("", gpu=False).split() == list(runtime.CPU_FLAGS)
+
+
+def test_gpu_gets_the_maxtext_flags_once():
+  flags = runtime.xla_flags("--xla_dump_to=/tmp/x", gpu=True).split()
+  assert flags[0] == "--xla_dump_to=/tmp/x"
+  assert set(runtime.GPU_FLAGS) <= set(flags) and len(flags) == len(set(flags))
+  assert runtime.xla_flags(" ".join(flags), gpu=True).split() == flags  # Idempotent.
+
+
+def test_a_flag_the_user_set_keeps_the_users_value():
+  flags = runtime.xla_flags("--xla_gpu_enable_triton_gemm=true", gpu=True).split()
+  assert "--xla_gpu_enable_triton_gemm=true" in flags and "--xla_gpu_enable_triton_gemm=false" not in flags
+
+
+def test_every_flag_parses_in_this_jaxlib():
+  # XLA aborts the process on an unknown flag; the flag table is shared by the CPU and GPU builds.
+  env = dict(os.environ, XLA_FLAGS=runtime.xla_flags("", gpu=True), JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+    [sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
+  assert out.returncode == 0 and out.stdout.strip() == "3.0", out.stderr[-500:]
+
+
+def test_gpu_flags_are_opt_in_and_only_with_cuda(monkeypatch):
+  monkeypatch.setattr(runtime, "has_cuda_jax", lambda: True)
+  for setting, gpu in ((None, False), ("0", False), ("1", True)):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    if setting is None:
+      monkeypatch.delenv(runtime.GPU_FLAGS_ENV, raising=False)
+    else:
+      monkeypatch.setenv(runtime.GPU_FLAGS_ENV, setting)
+    runtime.set_xla_flags()
+    assert os.environ["XLA_FLAGS"].split() == runtime.xla_flags("", gpu).split()
+  monkeypatch.setattr(runtime, "has_cuda_jax", lambda: False)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  runtime.set_xla_flags()  # Still "1": without jax's CUDA plugin there is no GPU backend to read them.
+  assert os.environ["XLA_FLAGS"].split() == list(runtime.CPU_FLAGS)
