@@ -458,6 +458,12 @@ def report(results: dict, args, rounds: int) -> None:
       f"{statistics.median(v['wall_s'] for v in results['loop cnn_digits']):.1f} s for "
       f"{results['loop cnn_digits'][0]['steps']} steps"
     )
+  print("\nmarkdown:\n| measure | jaxcollab | reference | ratio (range over rounds) |\n|---|---|---|---|")
+  for r in rows:
+    print(
+      f"| {r['metric']} | {r['jax']:,.1f} {r['unit']} | {r['reference']:,.1f} {r['unit']} | "
+      f"{r['ratio']:.2f}× ({r['ratio_min']:.2f}–{r['ratio_max']:.2f}) |"
+    )
   meta = {
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
     "machine": platform.processor() or platform.machine(),
