@@ -64,16 +64,19 @@ def _compile_counter():
   return count
 
 
-def _timed(fn, steps: int, reps: int, sync) -> float:
-  """Seconds per call: the fastest of `reps` runs of `steps` calls (robust to a busy machine)."""
-  best = float("inf")
+def _timed(fn, steps: int, reps: int, sync, stat=min) -> float:
+  """Seconds per call over `reps` runs of `steps` calls: the fastest run (robust to a busy machine).
+
+  stat=statistics.median where the figure is compared with the training loop's median rate.
+  """
+  runs = []
   for _ in range(reps):
     t = time.perf_counter()
     for _ in range(steps):
       out = fn()
     sync(out)
-    best = min(best, (time.perf_counter() - t) / steps)
-  return best
+    runs.append((time.perf_counter() - t) / steps)
+  return stat(runs)
 
 
 def child_jax_gpt(size: str, steps: int, reps: int, cache_dir: str, started: float) -> dict:
@@ -226,7 +229,8 @@ def child_bare_step(experiment: str, steps: int, reps: int, cache_dir: str, star
     box["state"], m = step(box["state"], batches[box["i"] % len(batches)])
     return m
 
-  return {"steps_per_s": 1 / _timed(once, steps, reps, jax.block_until_ready)}
+  # Median, like the loop's rate (the median of its log intervals), so that load affects both alike.
+  return {"steps_per_s": 1 / _timed(once, steps, reps, jax.block_until_ready, statistics.median)}
 
 
 CHILDREN = {
@@ -368,7 +372,7 @@ def main() -> None:
       for experiment in args.loops.split(","):
         # cnn_digits runs whole: it is the README's main job, timed end to end.
         loop_steps = None if experiment == "cnn_digits" else (150 if experiment != "gpt_pydocs" else 60)
-        add(f"bare {experiment}", spawn, "bare_step", experiment, 10 * steps, reps, cache, threads=args.threads)
+        add(f"bare {experiment}", spawn, "bare_step", experiment, 10 * steps, 5, cache, threads=args.threads)
         add(f"loop {experiment}", loop_rate, experiment, loop_steps, cache, args.threads)
   shutil.rmtree(cache, ignore_errors=True)
   report(results, args, rounds)
