@@ -372,7 +372,8 @@ def main() -> None:
       for experiment in args.loops.split(","):
         # cnn_digits runs whole: it is the README's main job, timed end to end.
         loop_steps = None if experiment == "cnn_digits" else (150 if experiment != "gpt_pydocs" else 60)
-        add(f"bare {experiment}", spawn, "bare_step", experiment, 10 * steps, 5, cache, threads=args.threads)
+        bare_steps = 2 * steps if experiment.startswith("gpt") else 10 * steps  # ~1 s per GPT step.
+        add(f"bare {experiment}", spawn, "bare_step", experiment, bare_steps, 5, cache, threads=args.threads)
         add(f"loop {experiment}", loop_rate, experiment, loop_steps, cache, args.threads)
   shutil.rmtree(cache, ignore_errors=True)
   report(results, args, rounds)
