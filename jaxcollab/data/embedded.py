@@ -51,7 +51,8 @@ def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     try:  # A cache only: a read-only home directory costs the sklearn import each run, nothing else.
       os.makedirs(DATA_CACHE, exist_ok=True)
       tmp = f"{path}.{os.getpid()}.tmp.npz"
-      np.savez(tmp, **arrays)
+      np.savez(tmp, x_train=arrays["x_train"], y_train=arrays["y_train"], x_test=arrays["x_test"],
+               y_test=arrays["y_test"])
       os.replace(tmp, path)  # Atomic: concurrent first runs never read a half-written file.
     except OSError:
       pass
