@@ -16,8 +16,9 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 PYDOCS_TRAIN_FRACTION = 0.9
 # The digits split, computed once per machine with scikit-learn, is kept here as arrays.
-DATA_CACHE = os.environ.get("JAXCOLLAB_DATA_CACHE",
-                            os.path.join(os.path.expanduser("~"), ".cache", "jaxcollab", "data"))
+DATA_CACHE = os.environ.get(
+  "JAXCOLLAB_DATA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxcollab", "data")
+)
 
 
 def _digits_cache_path() -> str:
@@ -35,7 +36,8 @@ def _split_digits() -> dict[str, np.ndarray]:
   images = (digits.images.astype(np.float32) / 16.0)[..., None]
   labels = digits.target.astype(np.int32)
   x_train, x_test, y_train, y_test = model_selection.train_test_split(
-      images, labels, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=labels)
+    images, labels, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=labels
+  )
   return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
@@ -51,8 +53,9 @@ def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     try:  # A cache only: a read-only home directory costs the sklearn import each run, nothing else.
       os.makedirs(DATA_CACHE, exist_ok=True)
       tmp = f"{path}.{os.getpid()}.tmp.npz"
-      np.savez(tmp, x_train=arrays["x_train"], y_train=arrays["y_train"], x_test=arrays["x_test"],
-               y_test=arrays["y_test"])
+      np.savez(
+        tmp, x_train=arrays["x_train"], y_train=arrays["y_train"], x_test=arrays["x_test"], y_test=arrays["y_test"]
+      )
       os.replace(tmp, path)  # Atomic: concurrent first runs never read a half-written file.
     except OSError:
       pass

@@ -94,7 +94,7 @@ class TextWindows:
 
   def __getitem__(self, index: int) -> Example:
     start = index * self._seq_len
-    chunk = self._tokens[start:start + self._seq_len + 1].astype(np.int32)
+    chunk = self._tokens[start : start + self._seq_len + 1].astype(np.int32)
     n = len(chunk) - 1
     inputs = np.zeros(self._seq_len, np.int32)
     targets = np.zeros(self._seq_len, np.int32)
@@ -135,8 +135,17 @@ class _TrainBatch:
   the union of the processes' batches at a step does not depend on process_count either.
   """
 
-  def __init__(self, examples: Sequence[Example], *, seed: int, steps_per_epoch: int, batch_size: int,
-               process_index: int, process_count: int, augment: augment_lib.Augment | None):
+  def __init__(
+    self,
+    examples: Sequence[Example],
+    *,
+    seed: int,
+    steps_per_epoch: int,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    augment: augment_lib.Augment | None,
+  ):
     self._examples, self._seed, self._steps_per_epoch = examples, seed, steps_per_epoch
     self._batch_size, self._process_index, self._process_count = batch_size, process_index, process_count
     self._augment = augment
@@ -152,8 +161,7 @@ class _TrainBatch:
   def __call__(self, step: int) -> Example:
     epoch, step_in_epoch = divmod(int(step), self._steps_per_epoch)
     global_batch = self._batch_size * self._process_count
-    in_epoch_B = (step_in_epoch * global_batch + self._process_index * self._batch_size
-                  + np.arange(self._batch_size))
+    in_epoch_B = step_in_epoch * global_batch + self._process_index * self._batch_size + np.arange(self._batch_size)
     batch = read_batch(self._examples, self._order(epoch)[in_epoch_B])
     if self._augment is not None:
       batch = self._augment(batch, epoch * self._steps_per_epoch * global_batch + in_epoch_B)
@@ -180,8 +188,16 @@ class _EvalBatch:
 class Dataset:
   """A dataset's info plus per-process train and eval iterators built with grain."""
 
-  def __init__(self, info: DatasetInfo, train: Sequence[Example], split_examples: Callable[[str], Sequence[Example]],
-               *, augment: bool = False, flip: bool = False, num_workers: int = 0):
+  def __init__(
+    self,
+    info: DatasetInfo,
+    train: Sequence[Example],
+    split_examples: Callable[[str], Sequence[Example]],
+    *,
+    augment: bool = False,
+    flip: bool = False,
+    num_workers: int = 0,
+  ):
     self.info = info
     self._train = train
     self._split_examples = split_examples
@@ -190,24 +206,35 @@ class Dataset:
     self._num_workers = num_workers
     self._splits: dict[str, Sequence[Example]] = {}
 
-  def train_iterator(self, *, batch_size: int, seed: int, process_index: int = 0,
-                     process_count: int = 1) -> grain.DatasetIterator:
+  def train_iterator(
+    self, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+  ) -> grain.DatasetIterator:
     """Infinite per-process train batches, reshuffled each epoch; `get_state`/`set_state` resume exactly."""
     _check_process(process_index, process_count)
     global_batch = batch_size * process_count
     steps_per_epoch = len(self._train) // global_batch
     if batch_size <= 0 or steps_per_epoch == 0:
-      raise UserError(f"The global train batch ({batch_size} x {process_count} processes) must be between 1 and "
-                      f"the {len(self._train)} train examples of {self.info.name!r}; lower train.batch_size.")
+      raise UserError(
+        f"The global train batch ({batch_size} x {process_count} processes) must be between 1 and "
+        f"the {len(self._train)} train examples of {self.info.name!r}; lower train.batch_size."
+      )
     augment = augment_lib.Augment(seed, self._flip) if self._augment else None
-    batches = _TrainBatch(self._train, seed=seed, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                          process_index=process_index, process_count=process_count, augment=augment)
+    batches = _TrainBatch(
+      self._train,
+      seed=seed,
+      steps_per_epoch=steps_per_epoch,
+      batch_size=batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      augment=augment,
+    )
     # Whole batches are read and augmented in one numpy call each; grain runs them ahead in
     # threads and checkpoints the step reached (`next_index`), from which resuming is exact.
     return self._to_iterator(grain.MapDataset.range(sys.maxsize).map(batches))
 
-  def eval_batches(self, *, batch_size: int, process_index: int = 0, process_count: int = 1,
-                   split: str | None = None) -> grain.DatasetIterator:
+  def eval_batches(
+    self, *, batch_size: int, process_index: int = 0, process_count: int = 1, split: str | None = None
+  ) -> grain.DatasetIterator:
     """Per-process eval batches covering `split` once across processes; padding rows have mask 0."""
     _check_process(process_index, process_count)
     if batch_size <= 0:
@@ -229,8 +256,10 @@ class Dataset:
     if split not in self._splits:
       self._splits[split] = self._split_examples(split)
       if not len(self._splits[split]):
-        raise UserError(f"Split {split!r} of {self.info.name!r} has no examples at this dataset.seq_len; "
-                        "lower dataset.seq_len or use another split.")
+        raise UserError(
+          f"Split {split!r} of {self.info.name!r} has no examples at this dataset.seq_len; "
+          "lower dataset.seq_len or use another split."
+        )
     return self._splits[split]
 
   def _to_iterator(self, ds: grain.MapDataset) -> grain.DatasetIterator:
@@ -246,5 +275,7 @@ class Dataset:
 
 def _check_process(process_index: int, process_count: int) -> None:
   if not 0 <= process_index < process_count:
-    raise UserError(f"process_index {process_index} is outside [0, {process_count}); "
-                    "pass jax.process_index() and jax.process_count().")
+    raise UserError(
+      f"process_index {process_index} is outside [0, {process_count}); "
+      "pass jax.process_index() and jax.process_count()."
+    )

@@ -74,14 +74,18 @@ def test_each_epoch_is_a_new_permutation():
 def test_processes_see_disjoint_shards_that_make_the_global_batch():
   ds = _indexed(101)
   # 101 // (10 * 2) = 5 steps per epoch; one example is left out each epoch.
-  shards = [np.concatenate([b["label"] for b in _take(ds.train_iterator(batch_size=10, seed=0, process_index=p,
-                                                                         process_count=2), 5)]) for p in range(2)]
+  shards = [
+    np.concatenate(
+      [b["label"] for b in _take(ds.train_iterator(batch_size=10, seed=0, process_index=p, process_count=2), 5)]
+    )
+    for p in range(2)
+  ]
   assert not set(shards[0]) & set(shards[1])
   assert len(set(shards[0]) | set(shards[1])) == 100
   # Step s of both processes together is step s of one process with the global batch.
   single = _take(ds.train_iterator(batch_size=20, seed=0), 5)
   for step in range(5):
-    together = set(shards[0][step * 10:(step + 1) * 10]) | set(shards[1][step * 10:(step + 1) * 10])
+    together = set(shards[0][step * 10 : (step + 1) * 10]) | set(shards[1][step * 10 : (step + 1) * 10])
     assert together == set(single[step]["label"])
 
 
@@ -117,8 +121,9 @@ def test_text_augment_flag_is_ignored():
 @pytest.mark.parametrize("process_count", [1, 2, 3])
 def test_eval_covers_each_example_once(process_count):
   ds = _indexed(103)
-  per_process = [list(ds.eval_batches(batch_size=8, process_index=p, process_count=process_count))
-                 for p in range(process_count)]
+  per_process = [
+    list(ds.eval_batches(batch_size=8, process_index=p, process_count=process_count)) for p in range(process_count)
+  ]
   expected = ds.num_eval_batches(8, process_count)
   assert [len(b) for b in per_process] == [expected] * process_count
   ids = [i for batches in per_process for b in batches for i in b["label"][b["mask"] == 1]]
@@ -132,8 +137,12 @@ def test_eval_covers_each_example_once(process_count):
 
 def test_digits_eval_matches_test_split_labels():
   ds = data.get_dataset(_config())
-  labels = [l for p in range(2) for b in ds.eval_batches(batch_size=64, process_index=p, process_count=2)
-            for l in b["label"][b["mask"] == 1]]
+  labels = [
+    l
+    for p in range(2)
+    for b in ds.eval_batches(batch_size=64, process_index=p, process_count=2)
+    for l in b["label"][b["mask"] == 1]
+  ]
   assert collections.Counter(labels) == collections.Counter(data.embedded.digits_arrays()["test"][1].tolist())
 
 
@@ -146,7 +155,7 @@ def test_pydocs_info_and_windows():
   assert batch["inputs"].shape == (16, 64) and batch["inputs"].dtype == np.int32
   np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
   np.testing.assert_array_equal(batch["mask"], np.ones((16, 64)))
-  windows = train[:ds.info.train_size * 64].reshape(-1, 64)
+  windows = train[: ds.info.train_size * 64].reshape(-1, 64)
   for row in batch["inputs"]:
     assert (windows == row).all(axis=1).any()
 
