@@ -18,9 +18,8 @@ import json
 import logging
 import os
 import shutil
-import signal
-import threading
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -32,7 +31,7 @@ from jax.experimental import multihost_utils
 from jaxcollab import config as config_lib
 from jaxcollab import pytree, runtime
 from jaxcollab.config import ConfigDict
-from jaxcollab.errors import CheckpointError, CorruptCheckpointError
+from jaxcollab.errors import LOG_FILE, CheckpointError, CorruptCheckpointError, os_cause
 
 PyTree = Any
 STATE, DATA, CONFIG, META = "state", "data", "config", "meta"
@@ -151,9 +150,10 @@ def _damaged(e: CorruptCheckpointError, previous: int | None) -> str:
 
 
 class Checkpointer:
-  """Saves a run's steps under WORKDIR/checkpoints, restores the newest good one, and catches signals."""
+  """Saves a run's steps under WORKDIR/checkpoints and restores the newest good one."""
 
-  def __init__(self, workdir: str, config: ConfigDict, dataset_info: dict[str, Any], mesh_shape: dict[str, int]):
+  def __init__(self, workdir: str, config: ConfigDict, dataset_info: dict[str, Any], mesh_shape: dict[str, int],
+               stop=None):
     c = config.checkpoint
     if c.best_metric and c.best_metric not in EVAL_METRICS[dataset_info["kind"]]:
       raise CheckpointError(f"checkpoint.best_metric {c.best_metric!r} is not an eval metric of this run; "
@@ -176,19 +176,7 @@ class Checkpointer:
     self.eval_step = -1  # The newest evaluation, saved so that a resume knows it.
     self.eval_metrics: dict[str, float] = {}
     self._writing = -1
-    self._stop_signal: int | None = None
-    self._handlers = {}
-    # On several hosts jax's preemption sync point owns SIGTERM, so that all processes save the same
-    # step; a signal seen by one process alone would make it save alone and hang the others.
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._handlers[sig] = signal.signal(sig, self._on_signal)
-
-  def _on_signal(self, signum, frame) -> None:
-    del frame
-    self._stop_signal = signum
-    for sig, handler in self._handlers.items():  # A second Ctrl-C stops at once.
-      signal.signal(sig, handler)
+    self.stop = stop  # A jaxcollab.stop.Stop that catches SIGTERM/SIGINT (one process), or None.
 
   def _seal(self) -> None:
     """orbax calls this in its writer thread once all files are written, before the atomic rename."""
@@ -201,17 +189,20 @@ class Checkpointer:
     if jax.process_index() == 0:
       shutil.rmtree(os.path.join(self.directory, TRASH), ignore_errors=True)
 
-  def restore_latest(self, abstract_state: Any, shardings: Any, train_iter: Any) -> Any | None:
+  def restore_latest(self, abstract_state: Any, shardings: Any, train_iter: Any,
+                     check_config: Callable[[int, dict], None] | None = None) -> Any | None:
     """The newest good step restored as `abstract_state` with `shardings` (and `train_iter` positioned), or None.
 
     Only damage (checksums, sizes, unreadable metadata) lets `checkpoint.fallback` skip a step; any
     other failure to restore is raised as it is, naming its cause, and no step is moved.
+    `check_config(step, saved_config)` runs before any array is read, so a refused config change
+    stops the resume before the structure check would blame the shapes.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
       previous = steps[i + 1] if i + 1 < len(steps) else None
       try:
-        return self._restore(step, abstract_state, shardings, train_iter)
+        return self._restore(step, abstract_state, shardings, train_iter, check_config)
       except CorruptCheckpointError as e:
         if not self.config.checkpoint.fallback or previous is None:
           raise CorruptCheckpointError(_damaged(e, previous)) from e
@@ -234,10 +225,13 @@ class Checkpointer:
     self.manager.reload()
     return target
 
-  def _restore(self, step: int, abstract_state: Any, shardings: Any, train_iter: Any) -> Any:
+  def _restore(self, step: int, abstract_state: Any, shardings: Any, train_iter: Any,
+               check_config: Callable[[int, dict], None] | None = None) -> Any:
     path = os.path.join(self.directory, str(step))
     verify(path, step)
     meta = read_json(path, step, META)
+    if check_config is not None:
+      check_config(step, read_json(path, step, CONFIG))
     target = state_tree(abstract_state)
     check_structure(read_state_metadata(path, step), target, path)
     data_file = os.path.join(path, DATA, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
@@ -269,11 +263,11 @@ class Checkpointer:
 
   def preempted(self, step: int) -> bool:
     """True once SIGTERM/SIGINT arrived (on several hosts: once all reach jax's preemption sync step)."""
-    return self._stop_signal is not None or self.manager.reached_preemption(step)
+    return (self.stop is not None and self.stop.requested) or self.manager.reached_preemption(step)
 
   @property
   def stop_reason(self) -> str:
-    return signal.Signals(self._stop_signal).name if self._stop_signal else "a preemption notice"
+    return self.stop.name if self.stop is not None and self.stop.requested else "a preemption notice"
 
   def due(self, step: int) -> bool:
     """Whether `checkpoint.every` asks for a save at `step`."""
@@ -308,12 +302,15 @@ class Checkpointer:
     self.last_saved = step
 
   def _write_error(self, e: BaseException) -> CheckpointError:
-    return CheckpointError(f"Writing checkpoint step {self._writing} to {self.directory} failed ({first_line(e)}); "
-                           "check free disk space and permissions, then rerun the same command to resume from the "
-                           "last finished step.")
+    steps = finished_steps(self.directory)
+    resume = f"step {steps[-1]}" if steps else "the start"
+    log = os.path.join(os.path.dirname(self.directory), LOG_FILE)
+    return CheckpointError(f"Writing checkpoint step {self._writing} to {self.directory} failed: "
+                           f"{os_cause(e)}; free disk space or fix permissions, then rerun the same "
+                           f"command to resume from {resume} (details in {log}).")
 
   def close(self, raise_errors: bool = True) -> None:
-    """Waits for background writes, reports their errors, and puts the signal handlers back."""
+    """Waits for background writes and reports their errors."""
     try:
       self.manager.wait_until_finished()
       self._empty_trash()
@@ -323,9 +320,6 @@ class Checkpointer:
       logging.error("%s", self._write_error(e))
     finally:
       self.manager.close()
-      for sig, handler in self._handlers.items():
-        signal.signal(sig, handler)
-      self._handlers = {}
 
 
 # ---- Reading step files (training's restore and jaxcollab.reload share these) ------------------

@@ -69,6 +69,9 @@ def defaults() -> ConfigDict:
   c.train.eval_every = 200  # int > 0: evaluate every this many steps (and at the end).
   c.train.log_every = 50  # int > 0: write train metrics every this many steps.
   c.train.target = ""  # str: stop once eval meets it, e.g. "accuracy >= 0.98"; "" = never.
+  # str: comma-separated keys that may differ from the checkpoint's config on resume, e.g.
+  # "optimizer.learning_rate"; recorded in run.json. See jaxcollab/workdir.py for the keys always allowed.
+  c.train.allow_changes = ""
 
   c.checkpoint = ConfigDict()
   c.checkpoint.every = 500  # int > 0: save every this many steps (and at the end).
@@ -153,7 +156,12 @@ def load_experiment(path: str, arg: str | None = None) -> ConfigDict:
   if arg is not None and not inspect.signature(get_config).parameters:
     raise ConfigError(f"Experiment file {path!r} has no variants (its get_config() takes no argument); drop "
                       f"':{arg}' from --config.")
-  config = get_config(arg) if arg is not None else get_config()
+  try:
+    config = get_config(arg) if arg is not None else get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # A broken get_config is the user's to fix; say where.
+    raise ConfigError(f"get_config() in {path!r} failed ({type(e).__name__}: {e}); fix the file.") from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"get_config() in {path!r} returned {type(config).__name__}; return an "
                       "ml_collections.ConfigDict.")
@@ -329,6 +337,13 @@ def validate(config: ConfigDict) -> ConfigDict:
   _require(0 <= config.loss.label_smoothing < 1,
            f"loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}.")
   _require(m.dtype in DTYPES, f"model.dtype must be float32 or bfloat16, got {m.dtype!r}.")
+  _require(0 <= config.seed < 2**32, f"seed must be an integer in [0, 2**32), got {config.seed}.")
+  _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1 and optimizer.b2 must be in [0, 1), got {o.b1}, {o.b2}.")
+  _require(config.dataset.num_workers >= 0, f"dataset.num_workers must be >= 0, got {config.dataset.num_workers}.")
+  _require(config.dataset.seq_len > 0, f"dataset.seq_len must be a positive integer, got {config.dataset.seq_len}.")
+  for rule in config.mesh.rules:
+    _require(isinstance(rule, (tuple, list)) and len(rule) == 2 and all(isinstance(r, str) for r in rule),
+             f"mesh.rules entries must be pairs of strings such as ('embed', 'fsdp'), got {rule!r}.")
   parse_target(t.target)
   return config
 

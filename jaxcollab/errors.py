@@ -6,6 +6,10 @@ its message is one sentence naming the problem and the fix, and the CLI prints i
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 
 class UserError(ValueError):
   """A mistake in what the user asked for; the CLI prints it as one sentence and exits 2."""
@@ -29,3 +33,29 @@ class NonFiniteLossError(UserError):
 
 class BundleError(UserError):
   """An exported bundle is missing a file, is damaged, or does not fit its config."""
+
+
+# Where a workdir keeps the full detail of every error (tracebacks, library logs); the terminal gets one sentence.
+LOG_FILE = "jaxcollab.log"
+_CAUSES = {
+  errno.ENOSPC: "the disk is full",
+  errno.EFBIG: "a file size limit was reached",
+  errno.EDQUOT: "the disk quota is exceeded",
+  errno.EACCES: "permission denied",
+  errno.EPERM: "permission denied",
+  errno.EROFS: "the filesystem is read-only",
+}
+
+
+def os_cause(e: BaseException) -> str:
+  """A short cause for an OS-level failure, also when a library (orbax, tensorstore) wrapped it in its own."""
+  code = getattr(e, "errno", None)
+  if code is None:
+    match = re.search(r"os_error_code='?(\d+)", str(e))
+    code = int(match.group(1)) if match else None
+  if code in _CAUSES:
+    return _CAUSES[code]
+  if code:
+    return os.strerror(code)
+  text = str(e).strip()
+  return text.splitlines()[0][:200] if text else type(e).__name__

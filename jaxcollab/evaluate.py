@@ -28,6 +28,7 @@ class Evaluator:
     # (parameter and statistics arrays, their sums) of the newest evaluation; holding the arrays keeps
     # their identities unique, so `is` tells whether the same parameters are asked for again.
     self._last: tuple[list[Any], dict[str, np.ndarray]] | None = None
+    self.stop: Any = None  # A jaxcollab.stop.Stop whose signal abandons an evaluation at the next batch.
     config = run.config
     self.per_process = config.train.eval_batch_size // jax.process_count()
     self.batch_sharding = sharding.batch_sharding(run.mesh)
@@ -58,6 +59,8 @@ class Evaluator:
     totals = None
     for local in self.run.dataset.eval_batches(batch_size=self.per_process, process_index=jax.process_index(),
                                                process_count=jax.process_count()):
+      if self.stop is not None:
+        self.stop.check()
       out = self._step(params, batch_stats, sharding.to_global(local, self.batch_sharding))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     return {k: np.asarray(v, np.float64) for k, v in jax.device_get(totals).items()}

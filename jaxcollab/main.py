@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
                          description="Train an experiment; extra --config.a.b=VALUE flags override its config.")
   train.add_argument("--config", required=True, help="experiment file (experiments/cnn_digits.py) or name (cnn_digits); FILE:ARG passes ARG to get_config, e.g. cnn_digits:smoke")
   train.add_argument("--workdir", required=True, help="run directory: config.json, metrics, checkpoints, plots")
+  train.add_argument("--use_nonempty_workdir", action="store_true",
+                     help="write into a non-empty directory that is not a jaxcollab workdir (refused otherwise)")
   dist = train.add_argument_group("several processes (see README 'Scaling out')")
   dist.add_argument("--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), help="HOST:PORT of process 0")
   dist.add_argument("--num_processes", type=int, default=_env_int("JAX_NUM_PROCESSES"), help="processes in the run")
@@ -89,15 +91,16 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
   # Imported here, not at the top: XLA_FLAGS (set by configure) must be in place before jax starts.
   import jax  # pylint: disable=g-import-not-at-top
 
-  from jaxcollab import run, sharding, train  # pylint: disable=g-import-not-at-top
+  from jaxcollab import run, sharding, train, workdir  # pylint: disable=g-import-not-at-top
 
   config = run.resolve(config, config_lib.override_keys(overrides))
   # Before anything touches a device: jax.distributed must start before the backends do.
   if args.distributed or args.coordinator_address or args.num_processes is not None or args.process_id is not None:
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, args.init_timeout)
     sharding.check_same_across_processes(os.path.abspath(args.workdir), "--workdir")
+  workdir.quiet_terminal()  # Library tracebacks (orbax after a failed write) go to WORKDIR/jaxcollab.log.
   start = time.perf_counter()
-  result = train.train_and_evaluate(config, args.workdir)
+  result = train.train_and_evaluate(config, args.workdir, use_nonempty_workdir=args.use_nonempty_workdir)
   if not result:  # Stopped by a signal; train_and_evaluate has said where it saved.
     return
   if jax.process_index() == 0:

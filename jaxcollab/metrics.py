@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -110,7 +111,8 @@ class Progress:
     self.total, self.every, self.enabled = total, max(int(every), 1), enabled
     self._bar = None
     self._last_step, self._last_time = initial, time.perf_counter()
-    if enabled and sys.stderr.isatty():
+    # A terminal that reports 0 columns (some IDE consoles) would get an empty bar: plain lines there.
+    if enabled and sys.stderr.isatty() and shutil.get_terminal_size((80, 24)).columns >= 20:
       self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
   def update(self, step: int, values: dict[str, float]) -> None:

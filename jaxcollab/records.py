@@ -10,23 +10,37 @@ import json
 import logging
 import os
 
+from jaxcollab.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
 
 
-def read_rows(path: str) -> list[dict]:
-  """Parsed rows of a jsonl file; a torn last line (process killed mid-write) is dropped."""
-  with open(path) as f:
-    lines = [line for line in f.read().split("\n") if line.strip()]
+def read_rows(path: str, skip_bad: bool = False) -> list[dict]:
+  """Parsed rows of a jsonl file; a torn last line (process killed mid-write) is dropped.
+
+  A malformed line elsewhere is a UserError naming its number, or skipped with a warning (`skip_bad`).
+  """
+  with open(path, errors="replace") as f:
+    lines = f.read().split("\n")
+  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
   rows = []
   for i, line in enumerate(lines):
+    if not line.strip():
+      continue
     try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if i == len(lines) - 1:
+      row = json.loads(line)
+      if not isinstance(row, dict):
+        raise ValueError(f"a JSON {type(row).__name__}, not an object")
+      rows.append(row)
+    except ValueError as e:
+      if i == last:
         logging.warning("Ignoring an incomplete last line in %s.", path)
-        break
-      raise ValueError(f"Line {i + 1} of {path} is not valid JSON ({e}); fix or remove that line.") from e
+      elif skip_bad:
+        logging.warning("Skipping line %d of %s: it is not a JSON object (%s).", i + 1, path, e)
+      else:
+        raise UserError(f"Line {i + 1} of {path} is not a JSON object ({e}); fix or delete that line, then "
+                        "rerun.") from None
   return rows
 
 
@@ -38,14 +52,14 @@ def write_atomic(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """The rows of WORKDIR/metrics.jsonl, in the order they were written."""
+def read_metrics(workdir: str, skip_bad: bool = False) -> list[dict]:
+  """The rows of WORKDIR/metrics.jsonl, in the order they were written (`skip_bad`: see `read_rows`)."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"No {METRICS_FILE} in {workdir}; check the path, or train a run into it with "
         f"`jaxcollab train --workdir {workdir}`."
     )
-  return read_rows(path)
+  return read_rows(path, skip_bad)
 
 

@@ -196,7 +196,8 @@ def describe(path: str, step: int | None = None) -> dict[str, Any]:
     total["count"] += count
     total["bytes"] += count * dtype.itemsize
   workdir = os.path.dirname(ref.directory)
-  rows = records.read_metrics(workdir) if os.path.isfile(os.path.join(workdir, records.METRICS_FILE)) else []
+  path = os.path.join(workdir, records.METRICS_FILE)
+  rows = records.read_metrics(workdir, skip_bad=True) if os.path.isfile(path) else []  # inspect: best effort.
   last = {}
   for row in rows:
     last[row.get("split")] = row

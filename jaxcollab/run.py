@@ -7,6 +7,8 @@ evaluates or writes files, so `jaxcollab.load` can use it without the training s
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -131,10 +133,19 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Ru
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.parse_rules(config.mesh.rules)
   sharding.check_batch(config.train.batch_size, mesh)
-  sharding.check_batch(config.train.eval_batch_size, mesh, key="train.eval_batch_size")
-  if len({d.process_index for d in mesh.devices.flat}) > 1:
+  processes = len({d.process_index for d in mesh.devices.flat})
+  if processes > 1:
     sharding.check_same_across_processes(config_lib.to_json(config), "The config")
   dataset = data.get_dataset(config)
+  # An eval batch larger than the split would only pad it (10M rows took minutes and 41 GB): clamp it to
+  # the smallest batch that still splits over the devices and covers the split in one step.
+  ways = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], processes)
+  whole = -(-dataset.info.eval_size // ways) * ways
+  if config.train.eval_batch_size > whole:
+    logging.info("train.eval_batch_size=%d exceeds the %d examples of the eval split; using %d.",
+                 config.train.eval_batch_size, dataset.info.eval_size, whole)
+    config.train.eval_batch_size = whole
+  sharding.check_batch(config.train.eval_batch_size, mesh, key="train.eval_batch_size")
   model = models.build(config, dataset.info)
   tx, lr_fn = optim.make_optimizer(config.optimizer, config.train.steps)
   accumulate = config.optimizer.accumulate_steps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -13,13 +14,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
-from jaxcollab import checkpoint, evaluate, metrics, plots, records, reload, sharding
+from jaxcollab import checkpoint, evaluate, metrics, models, plots, records, reload, sharding
 from jaxcollab import config as config_lib
 from jaxcollab import run as run_lib
+from jaxcollab import stop as stop_lib
+from jaxcollab import workdir as workdir_lib
 from jaxcollab.config import ConfigDict
-from jaxcollab.errors import NonFiniteLossError
+from jaxcollab.errors import LOG_FILE, ConfigError, NonFiniteLossError, UserError, os_cause
 from jaxcollab.run import Run, TrainState
 
 PyTree = Any
@@ -114,47 +119,156 @@ class StepLogger:
     self.progress.update(step, {"loss": values["loss"]})
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
+# Config keys that make each model smaller, named when it does not fit in device memory.
+_SIZE_KEYS = {"gpt": "model.embed_dim, model.num_layers, model.mlp_dim or model.size", "mlp": "model.hidden",
+              "cnn": "model.features or model.dense", "resnet": "model.width or model.depth"}
+
+
+def device_memory_bytes() -> int:
+  """Memory of one local device: the allocator's limit on accelerators, RAM per device on a CPU."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(jax.local_device_count(), 1)
+
+
+def state_bytes_per_device(run: Run) -> int:
+  """Bytes of parameters and optimizer state on the most loaded device (from shapes and shardings only)."""
+  total = 0
+  for leaf, s in zip(jax.tree.leaves(run.abstract_state), jax.tree.leaves(run.shardings)):
+    shape = s.shard_shape(leaf.shape) if hasattr(s, "shard_shape") else leaf.shape
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _memory_error(run: Run, where: str) -> UserError:
+  c = run.config
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state.params))
+  return UserError(
+      f"Out of device memory {where}: the model has {params:,} parameters ({state_bytes_per_device(run) / 2**30:.2f} "
+      f"GiB of train state per device with the optimizer), train.batch_size={c.train.batch_size}, and a device has "
+      f"{device_memory_bytes() / 2**30:.1f} GiB; lower {_SIZE_KEYS.get(c.model.name, 'the model size')} or "
+      "train.batch_size, or shard the state with mesh.fsdp.")
+
+
+def check_memory(run: Run) -> None:
+  """Refuses a train state that alone exceeds a device's memory, before anything is allocated."""
+  if state_bytes_per_device(run) > device_memory_bytes():
+    raise _memory_error(run, "before initialisation")
+
+
+def ready(tree: PyTree, run: Run, where: str) -> PyTree:
+  """Blocks on `tree`, so that an allocation failure surfaces here as one sentence instead of hanging later."""
+  try:
+    return jax.block_until_ready(tree)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+      raise _memory_error(run, where) from e
+    raise
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str, *, use_nonempty_workdir: bool = False) -> dict[str, float]:
   """Trains `config` into `workdir` (resuming if it has checkpoints); returns the final eval metrics.
 
   Returns {} when SIGTERM/SIGINT (or a preemption notice) stopped training early: the step reached
-  is saved, and running the same command again continues from it exactly.
+  is saved, and running the same command again continues from it exactly. The workdir contract
+  (lock, config comparison on resume, run.json segments) is jaxcollab/workdir.py's.
   """
-  run = run_lib.build(config)
-  config, info = run.config, run.dataset.info
-  target = config_lib.parse_target(config.train.target)
-  is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  with stop_lib.Stop(enabled=jax.process_count() == 1) as stop:
+    run = run_lib.build(config)
+    config, info = run.config, run.dataset.info
+    target = config_lib.parse_target(config.train.target)
+    if target and target[0] not in checkpoint.EVAL_METRICS[info.kind]:
+      raise ConfigError(f"train.target names {target[0]!r}, which this run never reports; use one of "
+                        f"{', '.join(checkpoint.EVAL_METRICS[info.kind])}.")
+    workdir_lib.parse_allow_changes(config.train.allow_changes, config)
+    check_memory(run)
+    is_main = jax.process_index() == 0
+    wd = _open_workdir(workdir, is_main, use_nonempty_workdir)
+    stop.at_exit(wd.close)
+    try:
+      result, stopped = _train(run, wd, stop, target, is_main)
+    except BaseException as e:
+      wd.log_detail(e)
+      with contextlib.suppress(OSError):  # A full disk must not hide the error that matters.
+        wd.end_segment(None, "failed")
+      if isinstance(e, OSError):
+        raise workdir_lib.WorkdirError(
+            f"Cannot use {e.filename or workdir}: {os_cause(e)}; free disk space or fix that path, then "
+            f"rerun the same command to resume (details in {os.path.join(workdir, LOG_FILE)})."
+        ) from e
+      raise
+    finally:
+      wd.close()
+  return result
+
+
+def _open_workdir(path: str, is_main: bool, use_nonempty: bool) -> workdir_lib.Workdir:
+  """Process 0 checks and locks the workdir; every process learns the outcome, so none waits on one that exited."""
+  wd = workdir_lib.Workdir(path, writer=is_main, use_nonempty=use_nonempty)
+  error = None
+  try:
+    wd.open()
+  except UserError as e:
+    error = e
+  if jax.process_count() > 1:
+    ok = np.asarray(multihost_utils.process_allgather(np.int32(error is None))).reshape(-1)
+    if error is None and not ok.all():
+      wd.close()
+      failed = [i for i, flag in enumerate(ok) if not flag]
+      raise workdir_lib.WorkdirError(f"Process(es) {failed} could not use --workdir {path}; see their message.")
+  if error is not None:
+    raise error
+  return wd
+
+
+def _train(run: Run, wd: workdir_lib.Workdir, stop: stop_lib.Stop, target: tuple[str, str, float] | None,
+           is_main: bool) -> tuple[dict[str, float], bool]:
+  """The loop on an open workdir; returns (final metrics or {}, whether a signal stopped it)."""
+  config, info, workdir = run.config, run.dataset.info, wd.path
   train_iter = run.dataset.train_iterator(
       batch_size=config.train.batch_size // jax.process_count(),
       seed=config.seed,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
   )
-  checkpointer = checkpoint.Checkpointer(workdir, config, dataclasses.asdict(info), dict(run.mesh.shape))
+  checkpointer = checkpoint.Checkpointer(workdir, config, dataclasses.asdict(info), dict(run.mesh.shape), stop=stop)
   ok = False
   writer = progress = None
+  changes: dict[str, list] = {}
+
+  def check_config(step: int, saved: dict) -> None:
+    portable = tuple(f"model.{k}" for k in getattr(models.get(config.model.name), "PORTABLE", {}))
+    changes.update(workdir_lib.check_resume(saved, config, step, workdir, portable))
+
   try:
-    state = checkpointer.restore_latest(run.abstract_state, run.shardings, train_iter)
+    state = checkpointer.restore_latest(run.abstract_state, run.shardings, train_iter, check_config)
     if state is None:
-      state = run.init_state()
+      state = ready(run.init_state(), run, "while initialising the parameters")
       if config.init_from:
         state = reload.init_from(state, config.init_from)
     start = int(jax.device_get(state.step))
+    stop.setup_note = f"nothing new to save; newest checkpoint: step {start}" if start else "nothing saved yet"
+    # First: it reads metrics.jsonl back, and a damaged line must stop us before anything is rewritten.
+    writer = metrics.MetricWriter(workdir, enabled=is_main, resume_step=start)
     if is_main:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(config))
+      workdir_lib.write_config(workdir, config_lib.to_json(config))
       metrics.write_run_info(workdir, config_json=config_lib.to_json(config), mesh_shape=dict(run.mesh.shape),
                              argv=list(sys.argv))
+      wd.begin_segment(start, list(sys.argv), changes, processes=jax.process_count(), devices=jax.device_count(),
+                       mesh={str(k): int(v) for k, v in run.mesh.shape.items()})
     if start:
       logging.info("Resuming from step %d in %s.", start, workdir)
-    writer = metrics.MetricWriter(workdir, enabled=is_main, resume_step=start)
+      for key, (old, new) in changes.items():
+        logging.info("Config %s changed from %r to %r (recorded in run.json).", key, old, new)
     unit = "examples_per_s" if info.kind == "image" else "tokens_per_s"
     per_batch = config.train.batch_size * (1 if info.kind == "image" else info.seq_len)
     progress = metrics.Progress(config.train.steps, initial=start, every=config.train.log_every, enabled=is_main)
     logger = StepLogger(writer, progress, config, start, per_batch, unit)
     step_fn = jit_train_step(run)
     evaluator = evaluate.Evaluator(run)
+    evaluator.stop = stop
     batch_sharding = sharding.batch_sharding(run.mesh)
     finished = start >= config.train.steps
     stopped = False
@@ -162,19 +276,25 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     while not finished:
       batch = sharding.to_global(next(train_iter), batch_sharding)
       state, step_metrics = step_fn(state, batch)
+      if step == start:  # Compiled and run once: an allocation failure is one sentence, and setup is over.
+        state = ready(state, run, "at the first training step")
+        stop.phase = stop_lib.TRAIN
       step += 1
+      if wd.segment is not None:
+        wd.segment["end_step"] = step
       logger.push(step, step_metrics)
       finished = step >= config.train.steps
       if step % config.train.eval_every == 0 or finished:
         logger.flush()
-        result = evaluator.evaluate(state)
-        writer.write(step, "eval", result)
-        checkpointer.record_eval(step, result)
-        if _target_met(target, result):
-          logging.info("Target %r met at step %d (%s).", config.train.target, step, result)
-          finished = True
+        result = _evaluate(evaluator, state, stop)
+        if result is not None:
+          writer.write(step, "eval", result)
+          checkpointer.record_eval(step, result)
+          if _target_met(target, result):
+            logging.info("Target %r met at step %d (%s).", config.train.target, step, result)
+            finished = True
       # Every process asks at every step: on several hosts this is jax's preemption sync point.
-      stopped = not finished and checkpointer.preempted(step)
+      stopped = (not finished and checkpointer.preempted(step)) or stop.requested
       if finished or stopped or checkpointer.due(step):
         # Rows up to `step` reach metrics.jsonl before the step is saved, so a run killed after the
         # save and resumed from it logs exactly the rows an uninterrupted run logs.
@@ -183,14 +303,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
       if stopped:
         break
     logger.flush()
+    progress.close()  # Before the classification report, which would otherwise start on the bar's line.
+    final = None if stopped else _evaluate(evaluator, state, stop, final=(workdir, is_main))
+    stopped = final is None
+    result = final or {}
     if stopped:
       logging.warning("Stopped by %s at step %d: checkpoint saved in %s; run the same command to resume.",
                       checkpointer.stop_reason, step, os.path.join(checkpointer.directory, str(step)))
-      result = {}
-    else:
-      result = evaluator.final_report(state, workdir, write=is_main)
-      if step > start:
-        writer.write(step, "test" if info.eval_split == "test" else "eval_final", result)
+    elif step > start:
+      writer.write(step, "test" if info.eval_split == "test" else "eval_final", result)
     ok = True
   finally:
     if progress is not None:
@@ -198,6 +319,20 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     checkpointer.close(raise_errors=ok)  # Awaits background writes; after an error, only logs theirs.
     if writer is not None:
       writer.close()
-  if is_main and not stopped:
+  if is_main and not stopped:  # Still under the lock, and a full disk here is one sentence too.
     plots.plot_curves(records.read_metrics(workdir), os.path.join(workdir, "plots", "curves.png"))
-  return result
+  wd.end_segment(step, "stopped" if stopped else "finished")
+  return result, stopped
+
+
+def _evaluate(evaluator: evaluate.Evaluator, state: TrainState, stop: stop_lib.Stop,
+              final: tuple[str, bool] | None = None) -> dict[str, float] | None:
+  """An evaluation (or the final report) that a stop signal abandons: None then."""
+  previous, stop.phase = stop.phase, stop_lib.EVAL if stop.phase != stop_lib.SETUP else stop.phase
+  try:
+    return evaluator.final_report(state, *final) if final else evaluator.evaluate(state)
+  except stop_lib.Abandoned:
+    logging.info("Evaluation abandoned: %s arrived.", stop.name)
+    return None
+  finally:
+    stop.phase = previous

@@ -13,8 +13,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # a package's own submodules (data.*, models.*) may import each other.
 LAYERS = {
     "errors": 0,
-    "config": 1, "pytree": 1, "runtime": 1, "records": 1,
-    "data": 2, "models": 2, "losses": 2, "optim": 2, "sharding": 2, "checkpoint": 2, "metrics": 2,
+    "config": 1, "pytree": 1, "runtime": 1, "records": 1, "stop": 1,
+    "data": 2, "models": 2, "losses": 2, "optim": 2, "sharding": 2, "checkpoint": 2, "metrics": 2, "workdir": 2,
     "plots": 3, "bundle": 3,
     "run": 4,
     "reload": 5,

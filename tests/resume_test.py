@@ -66,11 +66,19 @@ def _finished(workdir) -> list[int]:
 def test_sigint_and_sigterm_save_exit_0_and_resume_exactly(tmp_path_factory, tmp_path):
   reference = runs.reference(tmp_path_factory, runs.MLP)
   workdir = str(tmp_path / "run")
-  # SIGINT as soon as the state is restored (compiling or at the first steps): saves that step.
+  # SIGINT during setup (the state initialised, compiling): exits at once, nothing new to save.
   proc = runs.Process(runs.MLP[0], workdir, runs.MLP[1])
   proc.wait_until(lambda: os.path.exists(os.path.join(workdir, "config.json")))
   proc.signal(signal.SIGINT)
   assert proc.wait() == 0, proc.output()[-3000:]
+  if "during setup" in proc.output():
+    assert "Stopped by SIGINT during setup (nothing saved yet)" in proc.output() and not _finished(workdir)
+    # Then SIGINT at the first steps: saves the step reached.
+    proc = runs.Process(runs.MLP[0], workdir, runs.MLP[1])
+    metrics_file = os.path.join(workdir, "metrics.jsonl")
+    proc.wait_until(lambda: os.path.exists(metrics_file) and os.path.getsize(metrics_file) > 0)
+    proc.signal(signal.SIGINT)
+    assert proc.wait() == 0, proc.output()[-3000:]
   first = _stopped_at(proc.output(), "SIGINT")
   assert _finished(workdir) == [first] and first < 120
   assert not runs.temporary(workdir)  # The write was awaited before exiting.
