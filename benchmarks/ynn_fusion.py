@@ -44,8 +44,9 @@ VARIANTS = {"ynn fusions on (jaxlib default)": "", "ynn fusions off": "--xla_cpu
 
 def measure(experiment: str, xla_flags: str, steps: int) -> float:
   env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  out = subprocess.run([sys.executable, "-c", CHILD, experiment, str(steps)], env=env, check=True,
-                       capture_output=True, text=True)
+  out = subprocess.run(
+    [sys.executable, "-c", CHILD, experiment, str(steps)], env=env, check=True, capture_output=True, text=True
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])["steps_per_s"]
 
 
@@ -58,8 +59,13 @@ def main() -> None:
   for experiment in args.experiments.split(","):
     speeds = {label: measure(experiment, flags, args.steps) for label, flags in VARIANTS.items()}
     on, off = speeds.values()
-    rows.append({"experiment": experiment, **{f"{k} steps/s": round(v, 2) for k, v in speeds.items()},
-                 "speedup with fusions off": round(off / on, 3)})
+    rows.append(
+      {
+        "experiment": experiment,
+        **{f"{k} steps/s": round(v, 2) for k, v in speeds.items()},
+        "speedup with fusions off": round(off / on, 3),
+      }
+    )
   print(f"{'experiment':<14} {'fusions on steps/s':>20} {'fusions off steps/s':>20} {'off/on':>8}")
   for r in rows:
     vals = list(r.values())
@@ -67,8 +73,16 @@ def main() -> None:
   os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
   path = os.path.join(os.path.dirname(__file__), "results", "ynn_fusion.json")
   with open(path, "w") as f:
-    json.dump({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-               "steps": args.steps, "rows": rows}, f, indent=2)
+    json.dump(
+      {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "steps": args.steps,
+        "rows": rows,
+      },
+      f,
+      indent=2,
+    )
   print(f"wrote {path}")
 
 

@@ -20,10 +20,20 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorboardX
 import tqdm
 
 from jaxcollab import records, runtime
+
+# tensorboardX's writer imports torch when it is installed, only to accept torch tensors we never
+# pass: 1.5-7 s of every run's start on a 2-core CPU. Hide torch while tensorboardX loads.
+_TORCH_HIDDEN = "torch" not in sys.modules
+if _TORCH_HIDDEN:
+  sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError.
+try:
+  import tensorboardX  # noqa: E402
+finally:
+  if _TORCH_HIDDEN:
+    del sys.modules["torch"]
 
 
 def _python_value(value: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,6 +63,18 @@ class ImageExamples:
       image, label = record["image"], record["label"]
     return {"image": np.asarray(image, np.float32) * np.float32(self._scale), "label": np.int32(label)}
 
+  def read_batch(self, indices: np.ndarray) -> Example:
+    """The examples at `indices` stacked: one numpy gather for arrays, one batched read for TFDS."""
+    if self._arrays:
+      images, labels = self._records[0][indices], self._records[1][indices]
+    else:
+      # One by one: tfds's batched `__getitems__` fails under tfds.testing.mock_data (4.9.x), and
+      # decoding, not the read, dominates a TFDS record; grain runs these reads ahead in threads.
+      records = [self._records[int(i)] for i in indices]
+      images = np.stack([np.asarray(r["image"]) for r in records])
+      labels = np.array([r["label"] for r in records])
+    return {"image": images.astype(np.float32) * np.float32(self._scale), "label": labels.astype(np.int32)}
+
 
 class TextWindows:
   """Windows i*L .. i*L+L of a byte stream: inputs = bytes [s, s+L), targets = bytes [s+1, s+L+1).
@@ -81,7 +94,7 @@ class TextWindows:
 
   def __getitem__(self, index: int) -> Example:
     start = index * self._seq_len
-    chunk = self._tokens[start:start + self._seq_len + 1].astype(np.int32)
+    chunk = self._tokens[start : start + self._seq_len + 1].astype(np.int32)
     n = len(chunk) - 1
     inputs = np.zeros(self._seq_len, np.int32)
     targets = np.zeros(self._seq_len, np.int32)
@@ -89,38 +102,102 @@ class TextWindows:
     inputs[:n], targets[:n], mask[:n] = chunk[:-1], chunk[1:], 1.0
     return {"inputs": inputs, "targets": targets, "mask": mask}
 
+  def read_batch(self, indices: np.ndarray) -> Example:
+    """The windows at `indices` stacked, gathered from the byte stream in one numpy call."""
+    offsets_NxL1 = indices[:, None] * self._seq_len + np.arange(self._seq_len + 1)
+    valid_NxL1 = offsets_NxL1 < len(self._tokens)
+    chunk_NxL1 = np.where(valid_NxL1, self._tokens[np.minimum(offsets_NxL1, len(self._tokens) - 1)], 0)
+    chunk_NxL1 = chunk_NxL1.astype(np.int32)
+    # Byte t is scored when its target t+1 exists; padding past the stream's end is 0.
+    mask_NxL = valid_NxL1[:, 1:].astype(np.float32)
+    return {"inputs": chunk_NxL1[:, :-1] * (mask_NxL > 0), "targets": chunk_NxL1[:, 1:], "mask": mask_NxL}
+
+
+def read_batch(examples: Sequence[Example], indices: np.ndarray) -> Example:
+  """The examples at `indices` as one batch with a mask of 1 (image examples carry no mask of their own)."""
+  if hasattr(examples, "read_batch"):
+    batch = examples.read_batch(indices)
+  else:
+    items = [examples[int(i)] for i in indices]
+    batch = {k: np.stack([item[k] for item in items]) for k in items[0]} if items else {}
+  if "mask" not in batch:
+    batch["mask"] = np.ones(len(indices), np.float32)
+  return batch
+
+
+class _TrainBatch:
+  """Local step k -> this process's block of global batch k of the epoch-shuffled, augmented stream.
+
+  Epoch e = k // steps_per_epoch is a fresh permutation of the examples seeded by (seed, e), cut
+  to whole global batches. Process p takes the p-th contiguous block of every global batch:
+  stacked in process order (as jax.make_array_from_process_local_data does), the blocks are
+  exactly the single-process global batch. Augmentation draws from (seed, stream position), so
+  the union of the processes' batches at a step does not depend on process_count either.
+  """
+
+  def __init__(
+    self,
+    examples: Sequence[Example],
+    *,
+    seed: int,
+    steps_per_epoch: int,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    augment: augment_lib.Augment | None,
+  ):
+    self._examples, self._seed, self._steps_per_epoch = examples, seed, steps_per_epoch
+    self._batch_size, self._process_index, self._process_count = batch_size, process_index, process_count
+    self._augment = augment
+    self._permutation: tuple[int, np.ndarray] | None = None  # (epoch, order); one tuple so threads swap it whole.
+
+  def _order(self, epoch: int) -> np.ndarray:
+    cached = self._permutation
+    if cached is None or cached[0] != epoch:
+      order = np.random.default_rng([self._seed, epoch]).permutation(len(self._examples))
+      cached = self._permutation = (epoch, order)
+    return cached[1]
+
+  def __call__(self, step: int) -> Example:
+    epoch, step_in_epoch = divmod(int(step), self._steps_per_epoch)
+    global_batch = self._batch_size * self._process_count
+    in_epoch_B = step_in_epoch * global_batch + self._process_index * self._batch_size + np.arange(self._batch_size)
+    batch = read_batch(self._examples, self._order(epoch)[in_epoch_B])
+    if self._augment is not None:
+      batch = self._augment(batch, epoch * self._steps_per_epoch * global_batch + in_epoch_B)
+    return batch
+
 
 @dataclasses.dataclass(frozen=True)
-class _WithMask:
-  """Adds mask 1 to image examples (text windows carry their own per-byte mask)."""
-
-  def __call__(self, example: Example) -> Example:
-    return example if "mask" in example else {**example, "mask": np.float32(1.0)}
-
-
-@dataclasses.dataclass(frozen=True)
-class _PaddedExample:
-  """Index -> the example, or a zero example with mask 0 past the end of the split."""
+class _EvalBatch:
+  """Batch k of process p: examples (k*B + j)*P + p for j < B; zero rows with mask 0 past the end."""
 
   examples: Sequence[Example]
-  padding: Example
+  batch_size: int
+  process_index: int
+  process_count: int
 
-  def __call__(self, index: int) -> Example:
-    if index < len(self.examples):
-      return _WithMask()(self.examples[index])
-    return self.padding
-
-
-def _padding_like(example: Example) -> Example:
-  padding = {k: np.zeros_like(v) for k, v in _WithMask()(example).items()}
-  return padding
+  def __call__(self, k: int) -> Example:
+    global_B = (int(k) * self.batch_size + np.arange(self.batch_size)) * self.process_count + self.process_index
+    real_B = global_B < len(self.examples)
+    batch = read_batch(self.examples, np.where(real_B, global_B, 0))
+    # Padding rows are zeros with mask 0, so that a sum over the batch ignores them.
+    return {k: np.where(real_B.reshape((-1,) + (1,) * (v.ndim - 1)), v, np.zeros_like(v)) for k, v in batch.items()}
 
 
 class Dataset:
   """A dataset's info plus per-process train and eval iterators built with grain."""
 
-  def __init__(self, info: DatasetInfo, train: Sequence[Example], split_examples: Callable[[str], Sequence[Example]],
-               *, augment: bool = False, flip: bool = False, num_workers: int = 0):
+  def __init__(
+    self,
+    info: DatasetInfo,
+    train: Sequence[Example],
+    split_examples: Callable[[str], Sequence[Example]],
+    *,
+    augment: bool = False,
+    flip: bool = False,
+    num_workers: int = 0,
+  ):
     self.info = info
     self._train = train
     self._split_examples = split_examples
@@ -129,45 +206,44 @@ class Dataset:
     self._num_workers = num_workers
     self._splits: dict[str, Sequence[Example]] = {}
 
-  def train_iterator(self, *, batch_size: int, seed: int, process_index: int = 0,
-                     process_count: int = 1) -> grain.DatasetIterator:
+  def train_iterator(
+    self, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+  ) -> grain.DatasetIterator:
     """Infinite per-process train batches, reshuffled each epoch; `get_state`/`set_state` resume exactly."""
     _check_process(process_index, process_count)
     global_batch = batch_size * process_count
     steps_per_epoch = len(self._train) // global_batch
     if batch_size <= 0 or steps_per_epoch == 0:
-      raise UserError(f"The global train batch ({batch_size} x {process_count} processes) must be between 1 and "
-                      f"the {len(self._train)} train examples of {self.info.name!r}; lower train.batch_size.")
-    # One global shuffled order per epoch, the same in every process (same seed); each epoch
-    # is cut to whole global batches so that all processes take the same number of steps per
-    # epoch, and different examples are dropped each epoch.
-    ds = grain.MapDataset.source(self._train).seed(seed).shuffle()
-    ds = ds[:steps_per_epoch * global_batch].map(_WithMask())
-    if self._augment:
-      # Before the process slice, so an element's augmentation depends on its global position
-      # only: the union of all processes' batches at a step does not depend on process_count.
-      ds = ds.random_map(augment_lib.Augment(flip=self._flip))
-    # Process p takes the p-th contiguous block of every global batch: stacked in process order
-    # (as jax.make_array_from_process_local_data does), the blocks are exactly the single-process
-    # global batch, so the rows and their dropout masks do not depend on process_count.
-    ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
-    # repeat() after batch(): indices past the first epoch reach shuffle and random_map with
-    # the epoch folded in, so each epoch has a new order and new augmentations.
-    return self._to_iterator(ds.repeat())
+      raise UserError(
+        f"The global train batch ({batch_size} x {process_count} processes) must be between 1 and "
+        f"the {len(self._train)} train examples of {self.info.name!r}; lower train.batch_size."
+      )
+    augment = augment_lib.Augment(seed, self._flip) if self._augment else None
+    batches = _TrainBatch(
+      self._train,
+      seed=seed,
+      steps_per_epoch=steps_per_epoch,
+      batch_size=batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      augment=augment,
+    )
+    # Whole batches are read and augmented in one numpy call each; grain runs them ahead in
+    # threads and checkpoints the step reached (`next_index`), from which resuming is exact.
+    return self._to_iterator(grain.MapDataset.range(sys.maxsize).map(batches))
 
-  def eval_batches(self, *, batch_size: int, process_index: int = 0, process_count: int = 1,
-                   split: str | None = None) -> grain.DatasetIterator:
+  def eval_batches(
+    self, *, batch_size: int, process_index: int = 0, process_count: int = 1, split: str | None = None
+  ) -> grain.DatasetIterator:
     """Per-process eval batches covering `split` once across processes; padding rows have mask 0."""
     _check_process(process_index, process_count)
     if batch_size <= 0:
       raise UserError(f"The eval batch size must be positive, got {batch_size}; raise train.eval_batch_size.")
     examples = self.examples(split)
     num_batches = self.num_eval_batches(batch_size, process_count, split)
-    padding = _padding_like(examples[0])
     # Every process yields num_batches batches (the last ones padded, some possibly all
     # padding) so that collectives inside the eval step never wait on a finished process.
-    ds = grain.MapDataset.range(num_batches * batch_size * process_count)
-    ds = ds[process_index::process_count].map(_PaddedExample(examples, padding)).batch(batch_size)
+    ds = grain.MapDataset.range(num_batches).map(_EvalBatch(examples, batch_size, process_index, process_count))
     return self._to_iterator(ds)
 
   def num_eval_batches(self, batch_size: int, process_count: int = 1, split: str | None = None) -> int:
@@ -180,8 +256,10 @@ class Dataset:
     if split not in self._splits:
       self._splits[split] = self._split_examples(split)
       if not len(self._splits[split]):
-        raise UserError(f"Split {split!r} of {self.info.name!r} has no examples at this dataset.seq_len; "
-                        "lower dataset.seq_len or use another split.")
+        raise UserError(
+          f"Split {split!r} of {self.info.name!r} has no examples at this dataset.seq_len; "
+          "lower dataset.seq_len or use another split."
+        )
     return self._splits[split]
 
   def _to_iterator(self, ds: grain.MapDataset) -> grain.DatasetIterator:
@@ -197,5 +275,7 @@ class Dataset:
 
 def _check_process(process_index: int, process_count: int) -> None:
   if not 0 <= process_index < process_count:
-    raise UserError(f"process_index {process_index} is outside [0, {process_count}); "
-                    "pass jax.process_index() and jax.process_count().")
+    raise UserError(
+      f"process_index {process_index} is outside [0, {process_count}); "
+      "pass jax.process_index() and jax.process_count()."
+    )

@@ -7,7 +7,7 @@ from jaxcollab.data import embedded
 
 def test_digits_split_sizes_range_and_determinism():
   arrays = embedded.digits_arrays()
-  (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
+  (x_train, y_train), (x_test, _) = arrays["train"], arrays["test"]
   assert x_train.shape == (1437, 8, 8, 1) and x_test.shape == (360, 8, 8, 1)
   assert x_train.dtype == np.float32 and y_train.dtype == np.int32
   assert x_train.min() == 0.0 and x_train.max() == 1.0 and x_test.max() <= 1.0
@@ -43,3 +43,20 @@ def test_pydocs_unigram_entropy_is_plausible():
   counts = np.array([c for c in np.bincount(embedded.pydocs_bytes("train")) if c])
   p = counts / counts.sum()
   assert abs(bits - float(-(p * np.log2(p)).sum())) < 1e-9
+
+
+def test_digits_cache_holds_the_same_split(tmp_path, monkeypatch):
+  fresh = embedded._split_digits()  # pylint: disable=protected-access
+  monkeypatch.setattr(embedded, "DATA_CACHE", str(tmp_path))
+  embedded.digits_arrays.cache_clear()
+  try:
+    first = embedded.digits_arrays()  # Computes and writes the cache.
+    assert len(list(tmp_path.iterdir())) == 1
+    embedded.digits_arrays.cache_clear()
+    second = embedded.digits_arrays()  # Reads it back.
+  finally:
+    embedded.digits_arrays.cache_clear()
+  for arrays in (first, second):
+    np.testing.assert_array_equal(arrays["train"][0], fresh["x_train"])
+    np.testing.assert_array_equal(arrays["test"][1], fresh["y_test"])
+    assert arrays["train"][0].dtype == np.float32 and arrays["train"][1].dtype == np.int32
