@@ -81,9 +81,10 @@ def check_structure(saved: PyTree, expected: PyTree, where: str) -> None:
   if missing or unexpected or mismatched:
     parts = [listing("missing", missing), listing("unexpected", unexpected), listing("shape mismatch", mismatched)]
     raise CheckpointError(
-        f"The checkpoint {where} does not fit this model and optimizer ({'; '.join(p for p in parts if p)}); "
-        "train with the config it was saved with, use a new --workdir, or start from its parameters with "
-        "--config.init_from.")
+      f"The checkpoint {where} does not fit this model and optimizer ({'; '.join(p for p in parts if p)}); "
+      "train with the config it was saved with, use a new --workdir, or start from its parameters with "
+      "--config.init_from."
+    )
 
 
 def first_line(e: BaseException) -> str:
@@ -141,8 +142,11 @@ def verify(step_dir: str, step: int, contents: bool = True) -> None:
 
 
 def _damaged(e: CorruptCheckpointError, previous: int | None) -> str:
-  fix = (f"delete that step directory or rerun with --config.checkpoint.fallback=true to resume from step {previous}"
-         if previous is not None else "delete that step directory to start over")
+  fix = (
+    f"delete that step directory or rerun with --config.checkpoint.fallback=true to resume from step {previous}"
+    if previous is not None
+    else "delete that step directory to start over"
+  )
   return f"{e}; {fix}."
 
 
@@ -152,24 +156,35 @@ def _damaged(e: CorruptCheckpointError, previous: int | None) -> str:
 class Checkpointer:
   """Saves a run's steps under WORKDIR/checkpoints and restores the newest good one."""
 
-  def __init__(self, workdir: str, config: ConfigDict, dataset_info: dict[str, Any], mesh_shape: dict[str, int],
-               stop=None):
+  def __init__(
+    self, workdir: str, config: ConfigDict, dataset_info: dict[str, Any], mesh_shape: dict[str, int], stop=None
+  ):
     c = config.checkpoint
     if c.best_metric and c.best_metric not in EVAL_METRICS[dataset_info["kind"]]:
-      raise CheckpointError(f"checkpoint.best_metric {c.best_metric!r} is not an eval metric of this run; "
-                            f"choose one of {', '.join(EVAL_METRICS[dataset_info['kind']])} or ''.")
+      raise CheckpointError(
+        f"checkpoint.best_metric {c.best_metric!r} is not an eval metric of this run; "
+        f"choose one of {', '.join(EVAL_METRICS[dataset_info['kind']])} or ''."
+      )
     self.config, self.dataset_info, self.mesh_shape = config, dataset_info, mesh_shape
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     policies = [ocp.checkpoint_managers.LatestN(n=c.keep)]
     if c.best_metric:  # Only steps saved right after an evaluation carry metrics and compete.
-      policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=lambda m: m[c.best_metric], reverse=c.best_mode == "min", n=1,
-          keep_checkpoints_without_metrics=False))
+      policies.append(
+        ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda m: m[c.best_metric],
+          reverse=c.best_mode == "min",
+          n=1,
+          keep_checkpoints_without_metrics=False,
+        )
+      )
     options = ocp.CheckpointManagerOptions(
-        create=True, cleanup_tmp_directories=True,  # Leftovers of a save killed half-way.
-        enable_async_checkpointing=True,  # Also for async_save=False (then awaited), for the callback below.
-        async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
-        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies), todelete_subdir=TRASH)
+      create=True,
+      cleanup_tmp_directories=True,  # Leftovers of a save killed half-way.
+      enable_async_checkpointing=True,  # Also for async_save=False (then awaited), for the callback below.
+      async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      todelete_subdir=TRASH,
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._empty_trash()
     self.last_saved = -1
@@ -189,8 +204,9 @@ class Checkpointer:
     if jax.process_index() == 0:
       shutil.rmtree(os.path.join(self.directory, TRASH), ignore_errors=True)
 
-  def restore_latest(self, abstract_state: Any, shardings: Any, train_iter: Any,
-                     check_config: Callable[[int, dict], None] | None = None) -> Any | None:
+  def restore_latest(
+    self, abstract_state: Any, shardings: Any, train_iter: Any, check_config: Callable[[int, dict], None] | None = None
+  ) -> Any | None:
     """The newest good step restored as `abstract_state` with `shardings` (and `train_iter` positioned), or None.
 
     Only damage (checksums, sizes, unreadable metadata) lets `checkpoint.fallback` skip a step; any
@@ -207,8 +223,9 @@ class Checkpointer:
         if not self.config.checkpoint.fallback or previous is None:
           raise CorruptCheckpointError(_damaged(e, previous)) from e
         aside = self._move_aside(step)
-        logging.warning("%s; moved it to %s and falling back to step %d (checkpoint.fallback=true).",
-                        e, aside, previous)
+        logging.warning(
+          "%s; moved it to %s and falling back to step %d (checkpoint.fallback=true).", e, aside, previous
+        )
     return None
 
   def _move_aside(self, step: int) -> str:
@@ -225,8 +242,14 @@ class Checkpointer:
     self.manager.reload()
     return target
 
-  def _restore(self, step: int, abstract_state: Any, shardings: Any, train_iter: Any,
-               check_config: Callable[[int, dict], None] | None = None) -> Any:
+  def _restore(
+    self,
+    step: int,
+    abstract_state: Any,
+    shardings: Any,
+    train_iter: Any,
+    check_config: Callable[[int, dict], None] | None = None,
+  ) -> Any:
     path = os.path.join(self.directory, str(step))
     verify(path, step)
     meta = read_json(path, step, META)
@@ -236,11 +259,14 @@ class Checkpointer:
     check_structure(read_state_metadata(path, step), target, path)
     data_file = os.path.join(path, DATA, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
     if train_iter is not None and not os.path.exists(data_file):
-      raise CheckpointError(f"Checkpoint step {step} in {self.directory} was saved by a different number of "
-                            "processes; resume it with as many processes as saved it (jaxcollab.load reads it "
-                            "anywhere).")
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
-                            state_tree(shardings))
+      raise CheckpointError(
+        f"Checkpoint step {step} in {self.directory} was saved by a different number of "
+        "processes; resume it with as many processes as saved it (jaxcollab.load reads it "
+        "anywhere)."
+      )
+    abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, state_tree(shardings)
+    )
     args = {STATE: ocp.args.StandardRestore(abstract)}
     if train_iter is not None:
       args[DATA] = grain.checkpoint.CheckpointRestore(train_iter)
@@ -249,13 +275,20 @@ class Checkpointer:
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files.
       # The files passed their checksums, so this is not damage (memory, orbax, the filesystem):
       # name the cause and leave the step where it is.
-      raise CheckpointError(f"Checkpoint step {step} in {self.directory} could not be restored ({first_line(e)}); "
-                            "its files are intact, so fix the cause named here and rerun.") from e
+      raise CheckpointError(
+        f"Checkpoint step {step} in {self.directory} could not be restored ({first_line(e)}); "
+        "its files are intact, so fix the cause named here and rerun."
+      ) from e
     self.last_saved = step
     last = meta.get("last_eval") or {}
     self.eval_step, self.eval_metrics = last.get("step", -1), dict(last.get("metrics", {}))
-    return abstract_state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
-                             batch_stats=tree.get("batch_stats", {}), rng=tree["rng"])
+    return abstract_state.replace(
+      step=tree["step"],
+      params=tree["params"],
+      opt_state=tree["opt_state"],
+      batch_stats=tree.get("batch_stats", {}),
+      rng=tree["rng"],
+    )
 
   def record_eval(self, step: int, metrics: dict[str, float]) -> None:
     """Remembers the newest evaluation for the metadata and the best-step bookkeeping."""
@@ -279,14 +312,21 @@ class Checkpointer:
       return
     evaluated = self.eval_step == step
     meta = {
-        "step": step, "eval": self.eval_metrics if evaluated else {},
-        "last_eval": {"step": self.eval_step, "metrics": self.eval_metrics} if self.eval_step >= 0 else None,
-        "dataset": self.dataset_info, "mesh": self.mesh_shape, "devices": jax.device_count(),
-        "processes": jax.process_count(), "platform": jax.devices()[0].platform, "versions": runtime.versions(),
+      "step": step,
+      "eval": self.eval_metrics if evaluated else {},
+      "last_eval": {"step": self.eval_step, "metrics": self.eval_metrics} if self.eval_step >= 0 else None,
+      "dataset": self.dataset_info,
+      "mesh": self.mesh_shape,
+      "devices": jax.device_count(),
+      "processes": jax.process_count(),
+      "platform": jax.devices()[0].platform,
+      "versions": runtime.versions(),
     }
-    args = {STATE: ocp.args.StandardSave(state_tree(state)),
-            CONFIG: ocp.args.JsonSave(json.loads(config_lib.to_json(self.config))),
-            META: ocp.args.JsonSave(meta)}
+    args = {
+      STATE: ocp.args.StandardSave(state_tree(state)),
+      CONFIG: ocp.args.JsonSave(json.loads(config_lib.to_json(self.config))),
+      META: ocp.args.JsonSave(meta),
+    }
     if train_iter is not None:
       args[DATA] = grain.checkpoint.CheckpointSave(train_iter)  # Its position is read now, synchronously.
     metric = self.config.checkpoint.best_metric
@@ -305,9 +345,11 @@ class Checkpointer:
     steps = finished_steps(self.directory)
     resume = f"step {steps[-1]}" if steps else "the start"
     log = os.path.join(os.path.dirname(self.directory), LOG_FILE)
-    return CheckpointError(f"Writing checkpoint step {self._writing} to {self.directory} failed: "
-                           f"{os_cause(e)}; free disk space or fix permissions, then rerun the same "
-                           f"command to resume from {resume} (details in {log}).")
+    return CheckpointError(
+      f"Writing checkpoint step {self._writing} to {self.directory} failed: "
+      f"{os_cause(e)}; free disk space or fix permissions, then rerun the same "
+      f"command to resume from {resume} (details in {log})."
+    )
 
   def close(self, raise_errors: bool = True) -> None:
     """Waits for background writes and reports their errors."""
@@ -324,6 +366,7 @@ class Checkpointer:
 
 # ---- Reading step files (training's restore and jaxcollab.reload share these) ------------------
 
+
 def finished_steps(directory: str) -> tuple[int, ...]:
   """Steps that orbax finalized (no temporary directories) and that carry orbax's step metadata."""
   if not os.path.isdir(directory):
@@ -338,8 +381,10 @@ def read_json(step_dir: str, step: int, item: str) -> dict:
     with open(file) as f:
       return json.load(f)
   except (OSError, ValueError) as e:  # ValueError: invalid JSON or invalid UTF-8.
-    raise CorruptCheckpointError(f"Checkpoint step {step} has no readable {item} file {file} "
-                                 f"({first_line(e)}); it was not written by jaxcollab or is damaged") from e
+    raise CorruptCheckpointError(
+      f"Checkpoint step {step} has no readable {item} file {file} "
+      f"({first_line(e)}); it was not written by jaxcollab or is damaged"
+    ) from e
 
 
 def read_state_metadata(step_dir: str, step: int) -> PyTree:
@@ -348,8 +393,10 @@ def read_state_metadata(step_dir: str, step: int) -> PyTree:
   try:
     return handler.metadata(epath.Path(step_dir) / STATE).tree
   except Exception as e:  # A damaged _METADATA gives a decoding error or an empty tree.
-    raise CorruptCheckpointError(f"Checkpoint step {step} in {os.path.dirname(step_dir)} is damaged: file "
-                                 f"{step}/{STATE}/_METADATA cannot be read ({first_line(e)})") from e
+    raise CorruptCheckpointError(
+      f"Checkpoint step {step} in {os.path.dirname(step_dir)} is damaged: file "
+      f"{step}/{STATE}/_METADATA cannot be read ({first_line(e)})"
+    ) from e
   finally:
     handler.close()
 

@@ -87,18 +87,18 @@ def defaults() -> ConfigDict:
   c.mesh.tensor = 1  # int: devices that shard attention heads and MLP width (Megatron-style).
   # Logical axis name -> mesh axis (or "" to replicate). See jaxcollab/sharding.py.
   c.mesh.rules = (
-      ("batch", "data,fsdp"),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("kv", ""),
-      ("vocab", "tensor"),
-      ("hidden", "tensor"),
-      ("conv_in", ""),
-      ("conv_out", "fsdp"),
-      ("classes", ""),
-      ("norm", ""),
-      ("layers", ""),  # The stacked axis of model.scan_layers: every device holds all layers of its shard.
+    ("batch", "data,fsdp"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", ""),
+    ("vocab", "tensor"),
+    ("hidden", "tensor"),
+    ("conv_in", ""),
+    ("conv_out", "fsdp"),
+    ("classes", ""),
+    ("norm", ""),
+    ("layers", ""),  # The stacked axis of model.scan_layers: every device holds all layers of its shard.
   )
   return c
 
@@ -138,10 +138,19 @@ def import_experiment(path: str, arg: str | None = None) -> tuple[Any, str, str 
     path, arg = path.rsplit(":", 1)
   path = _experiment_path(path)
   if not os.path.isfile(path):
-    names = sorted({f[:-3] for d in experiment_dirs() if os.path.isdir(d) for f in os.listdir(d)
-                    if f.endswith(".py") and not f.startswith("_")})
-    raise ConfigError(f"Experiment file {path!r} does not exist; pass a path such as experiments/cnn_digits.py "
-                      f"or one of the names {', '.join(names)}.")
+    names = sorted(
+      {
+        f[:-3]
+        for d in experiment_dirs()
+        if os.path.isdir(d)
+        for f in os.listdir(d)
+        if f.endswith(".py") and not f.startswith("_")
+      }
+    )
+    raise ConfigError(
+      f"Experiment file {path!r} does not exist; pass a path such as experiments/cnn_digits.py "
+      f"or one of the names {', '.join(names)}."
+    )
   spec = importlib.util.spec_from_file_location(f"_experiment_{abs(hash(path))}", path)
   assert spec is not None and spec.loader is not None
   module = importlib.util.module_from_spec(spec)
@@ -157,11 +166,13 @@ def load_experiment(path: str, arg: str | None = None) -> ConfigDict:
   module, path, arg = import_experiment(path, arg)
   get_config = getattr(module, "get_config", None)
   if not callable(get_config):
-    raise ConfigError(f"Experiment file {path!r} has no get_config(); define get_config(arg=None) returning a "
-                      "ConfigDict.")
+    raise ConfigError(
+      f"Experiment file {path!r} has no get_config(); define get_config(arg=None) returning a ConfigDict."
+    )
   if arg is not None and not inspect.signature(get_config).parameters:
-    raise ConfigError(f"Experiment file {path!r} has no variants (its get_config() takes no argument); drop "
-                      f"':{arg}' from --config.")
+    raise ConfigError(
+      f"Experiment file {path!r} has no variants (its get_config() takes no argument); drop ':{arg}' from --config."
+    )
   try:
     config = get_config(arg) if arg is not None else get_config()
   except ConfigError:
@@ -169,8 +180,9 @@ def load_experiment(path: str, arg: str | None = None) -> ConfigDict:
   except Exception as e:  # A broken get_config is the user's to fix; say where.
     raise ConfigError(f"get_config() in {path!r} failed ({type(e).__name__}: {e}); fix the file.") from e
   if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"get_config() in {path!r} returned {type(config).__name__}; return an "
-                      "ml_collections.ConfigDict.")
+    raise ConfigError(
+      f"get_config() in {path!r} returned {type(config).__name__}; return an ml_collections.ConfigDict."
+    )
   check_keys(config)
   return config
 
@@ -225,11 +237,12 @@ def coerce(key: str, value: Any, default: Any) -> Any:
     item_type = type(default[0])
     ok = all(isinstance(v, item_type) and not (item_type is int and isinstance(v, bool)) for v in value)
     if not ok:
-      raise ConfigError(f"Config key {key!r} must be a tuple of {item_type.__name__} (like {default!r}), got "
-                        f"{value!r}.")
+      raise ConfigError(
+        f"Config key {key!r} must be a tuple of {item_type.__name__} (like {default!r}), got {value!r}."
+      )
   if not ok:
     raise ConfigError(
-        f"Config key {key!r} must be {expected.__name__} (like {default!r}), got {type(value).__name__} {value!r}."
+      f"Config key {key!r} must be {expected.__name__} (like {default!r}), got {type(value).__name__} {value!r}."
     )
   return value
 
@@ -248,7 +261,7 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     raise ConfigError(
-        f"Config key {key!r} must be {type(default).__name__} (like {default!r}), got {text!r}."
+      f"Config key {key!r} must be {type(default).__name__} (like {default!r}), got {text!r}."
     ) from None
   if isinstance(default, tuple) and isinstance(value, (int, float, str)):
     value = (value,)
@@ -326,8 +339,10 @@ def validate(config: ConfigDict) -> ConfigDict:
   full.update(config)  # Missing keys take their defaults.
   config = full
   o, t, m = config.optimizer, config.train, config.model
-  _require(o.learning_rate > 0 and math.isfinite(o.learning_rate),
-           f"optimizer.learning_rate must be a positive number, got {o.learning_rate}.")
+  _require(
+    o.learning_rate > 0 and math.isfinite(o.learning_rate),
+    f"optimizer.learning_rate must be a positive number, got {o.learning_rate}.",
+  )
   _require(o.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {o.warmup_steps}.")
   _require(o.end_learning_rate >= 0, f"optimizer.end_learning_rate must be >= 0, got {o.end_learning_rate}.")
   _require(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}.")
@@ -338,18 +353,23 @@ def validate(config: ConfigDict) -> ConfigDict:
     _require(t[key] > 0, f"train.{key} must be a positive integer, got {t[key]}.")
   _require(config.checkpoint.every > 0, f"checkpoint.every must be > 0, got {config.checkpoint.every}.")
   _require(config.checkpoint.keep > 0, f"checkpoint.keep must be > 0, got {config.checkpoint.keep}.")
-  _require(config.checkpoint.best_mode in ("max", "min"),
-           f"checkpoint.best_mode must be 'max' or 'min', got {config.checkpoint.best_mode!r}.")
-  _require(0 <= config.loss.label_smoothing < 1,
-           f"loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}.")
+  _require(
+    config.checkpoint.best_mode in ("max", "min"),
+    f"checkpoint.best_mode must be 'max' or 'min', got {config.checkpoint.best_mode!r}.",
+  )
+  _require(
+    0 <= config.loss.label_smoothing < 1, f"loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}."
+  )
   _require(m.dtype in DTYPES, f"model.dtype must be float32 or bfloat16, got {m.dtype!r}.")
   _require(0 <= config.seed < 2**32, f"seed must be an integer in [0, 2**32), got {config.seed}.")
   _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1 and optimizer.b2 must be in [0, 1), got {o.b1}, {o.b2}.")
   _require(config.dataset.num_workers >= 0, f"dataset.num_workers must be >= 0, got {config.dataset.num_workers}.")
   _require(config.dataset.seq_len > 0, f"dataset.seq_len must be a positive integer, got {config.dataset.seq_len}.")
   for rule in config.mesh.rules:
-    _require(isinstance(rule, (tuple, list)) and len(rule) == 2 and all(isinstance(r, str) for r in rule),
-             f"mesh.rules entries must be pairs of strings such as ('embed', 'fsdp'), got {rule!r}.")
+    _require(
+      isinstance(rule, (tuple, list)) and len(rule) == 2 and all(isinstance(r, str) for r in rule),
+      f"mesh.rules entries must be pairs of strings such as ('embed', 'fsdp'), got {rule!r}.",
+    )
   parse_target(t.target)
   return config
 

@@ -50,16 +50,17 @@ class Evaluator:
     self.eval_step = eval_step  # Unjitted, for callers that vmap it over a leading seed axis.
     replicated = NamedSharding(run.mesh, P())  # Every process can read the sums.
     self._step = jax.jit(
-        eval_step,
-        in_shardings=(run.shardings.params, run.shardings.batch_stats, self.batch_sharding),
-        out_shardings=replicated,
+      eval_step,
+      in_shardings=(run.shardings.params, run.shardings.batch_stats, self.batch_sharding),
+      out_shardings=replicated,
     )
 
   def sums(self, params: PyTree, batch_stats: PyTree) -> dict[str, np.ndarray]:
     """Loss sum, example (or token) count and confusion matrix over the whole eval split."""
     totals = None
-    for local in self.run.dataset.eval_batches(batch_size=self.per_process, process_index=jax.process_index(),
-                                               process_count=jax.process_count()):
+    for local in self.run.dataset.eval_batches(
+      batch_size=self.per_process, process_index=jax.process_index(), process_count=jax.process_count()
+    ):
       if self.stop is not None:
         self.stop.check()
       out = self._step(params, batch_stats, sharding.to_global(local, self.batch_sharding))
@@ -70,8 +71,11 @@ class Evaluator:
     # The loop evaluates at the last step and then asks for the final report of the same state:
     # remember the sums of these very arrays so the eval split is not run twice.
     leaves = jax.tree.leaves((state.params, state.batch_stats))
-    cached = self._last is not None and len(self._last[0]) == len(leaves) and all(
-        a is b for a, b in zip(self._last[0], leaves))
+    cached = (
+      self._last is not None
+      and len(self._last[0]) == len(leaves)
+      and all(a is b for a, b in zip(self._last[0], leaves))
+    )
     if not cached:
       self._last = (leaves, self.sums(state.params, state.batch_stats))
     assert self._last is not None
@@ -93,11 +97,15 @@ class Evaluator:
       report = metrics.classification_report(confusion)
       plot_dir = os.path.join(workdir, "plots")
       os.makedirs(plot_dir, exist_ok=True)
-      plots.plot_confusion(confusion, os.path.join(plot_dir, "confusion.png"),
-                             title=f"{self.info.name} {self.info.eval_split}: accuracy {result['accuracy']:.4f}")
+      plots.plot_confusion(
+        confusion,
+        os.path.join(plot_dir, "confusion.png"),
+        title=f"{self.info.name} {self.info.eval_split}: accuracy {result['accuracy']:.4f}",
+      )
       with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump({"split": self.info.eval_split, "metrics": result, **report,
-                   "confusion": confusion.tolist()}, f, indent=2)
+        json.dump(
+          {"split": self.info.eval_split, "metrics": result, **report, "confusion": confusion.tolist()}, f, indent=2
+        )
       print(metrics.format_report(report))
     return result
 

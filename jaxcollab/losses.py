@@ -30,8 +30,8 @@ def _logits_and_labels(logits: jax.Array, batch: dict, key: str) -> tuple[jax.Ar
     # The GPT may keep its residual stream 2-D ([B*L, V]); any layout with the right size works.
     if logits.size != labels.size * logits.shape[-1]:
       raise ValueError(
-          f"Logits of shape {logits.shape} do not match batch[{key!r}] of shape {labels.shape}; "
-          "the model's output must have one row of class scores per label."
+        f"Logits of shape {logits.shape} do not match batch[{key!r}] of shape {labels.shape}; "
+        "the model's output must have one row of class scores per label."
       )
     logits = logits.reshape(*labels.shape, logits.shape[-1])
   if "mask" in batch:
@@ -81,10 +81,10 @@ def next_token(logits_BxLxV: jax.Array, batch: dict) -> jax.Array:
 
 # Name -> builder from the `loss` config section to a loss function.
 LOSSES: dict[str, Callable[[ml_collections.ConfigDict], LossFn]] = {
-    "cross_entropy": lambda config: cross_entropy,
-    "mse": lambda config: mse,
-    "label_smoothing": lambda config: label_smoothing(float(config.label_smoothing)),
-    "next_token": lambda config: next_token,
+  "cross_entropy": lambda config: cross_entropy,
+  "mse": lambda config: mse,
+  "label_smoothing": lambda config: label_smoothing(float(config.label_smoothing)),
+  "next_token": lambda config: next_token,
 }
 
 
@@ -98,8 +98,10 @@ def check(loss_config: ml_collections.ConfigDict, task: str) -> None:
   if task == "text" and loss_config.name not in TEXT_LOSSES:
     raise ConfigError(f"loss.name must be 'next_token' for the gpt model, got {loss_config.name!r}.")
   if task == "image" and loss_config.name in TEXT_LOSSES:
-    raise ConfigError(f"loss.name {loss_config.name!r} is for the gpt model; use cross_entropy, mse or "
-                      "label_smoothing for a classifier.")
+    raise ConfigError(
+      f"loss.name {loss_config.name!r} is for the gpt model; use cross_entropy, mse or "
+      "label_smoothing for a classifier."
+    )
 
 
 def get_loss(loss_config: ml_collections.ConfigDict) -> LossFn:

@@ -18,58 +18,112 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxcollab", description=__doc__, allow_abbrev=False)
   sub = parser.add_subparsers(dest="command", required=True)
 
-  train = sub.add_parser("train", allow_abbrev=False, help="train an experiment into a workdir (resumes if it has checkpoints)",
-                         description="Train an experiment; extra --config.a.b=VALUE flags override its config.")
-  train.add_argument("--config", required=True, help="experiment file (experiments/cnn_digits.py) or name (cnn_digits); FILE:ARG passes ARG to get_config, e.g. cnn_digits:smoke")
+  train = sub.add_parser(
+    "train",
+    allow_abbrev=False,
+    help="train an experiment into a workdir (resumes if it has checkpoints)",
+    description="Train an experiment; extra --config.a.b=VALUE flags override its config.",
+  )
+  train.add_argument(
+    "--config",
+    required=True,
+    help="experiment file (experiments/cnn_digits.py) or name (cnn_digits); FILE:ARG passes ARG to "
+    "get_config, e.g. cnn_digits:smoke",
+  )
   train.add_argument("--workdir", required=True, help="run directory: config.json, metrics, checkpoints, plots")
-  train.add_argument("--use_nonempty_workdir", action="store_true",
-                     help="write into a non-empty directory that is not a jaxcollab workdir (refused otherwise)")
+  train.add_argument(
+    "--use_nonempty_workdir",
+    action="store_true",
+    help="write into a non-empty directory that is not a jaxcollab workdir (refused otherwise)",
+  )
   dist = train.add_argument_group("several processes (see README 'Scaling out')")
-  dist.add_argument("--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), help="HOST:PORT of process 0")
+  dist.add_argument(
+    "--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), help="HOST:PORT of process 0"
+  )
   dist.add_argument("--num_processes", type=int, default=_env_int("JAX_NUM_PROCESSES"), help="processes in the run")
-  dist.add_argument("--process_id", type=int, default=_env_int("JAX_PROCESS_ID"), help="this process, 0..num_processes-1")
+  dist.add_argument(
+    "--process_id", type=int, default=_env_int("JAX_PROCESS_ID"), help="this process, 0..num_processes-1"
+  )
   dist.add_argument("--distributed", action="store_true", help="join a cluster JAX detects itself (SLURM, TPU pods)")
-  dist.add_argument("--init_timeout", type=int, default=300,
-                    help="seconds to wait for the coordinator and the other processes before exiting with code 2")
+  dist.add_argument(
+    "--init_timeout",
+    type=int,
+    default=300,
+    help="seconds to wait for the coordinator and the other processes before exiting with code 2",
+  )
 
-  ev = sub.add_parser("eval", allow_abbrev=False, help="re-evaluate a saved step on its eval split",
-                      description="Evaluate the newest (or --step N) checkpoint of a workdir on its eval split.")
+  ev = sub.add_parser(
+    "eval",
+    allow_abbrev=False,
+    help="re-evaluate a saved step on its eval split",
+    description="Evaluate the newest (or --step N) checkpoint of a workdir on its eval split.",
+  )
   ev.add_argument("--workdir", required=True, help="run directory, a checkpoint step directory or an exported bundle")
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
 
-  sw = sub.add_parser("sweep", allow_abbrev=False, help="train a grid of config values x seeds, one workdir per run",
-                      description="Train every cell of a grid x every seed into DIR/<cell>/seed_<k>/; rerunning the "
-                      "same command skips finished runs and resumes interrupted ones. Extra --config.a.b=VALUE flags "
-                      "apply to every run.")
-  sw.add_argument("--config", required=True, help="experiment file or name (FILE:ARG passes ARG); its get_sweep() "
-                  "may declare a grid and seeds")
+  sw = sub.add_parser(
+    "sweep",
+    allow_abbrev=False,
+    help="train a grid of config values x seeds, one workdir per run",
+    description="Train every cell of a grid x every seed into DIR/<cell>/seed_<k>/; rerunning the "
+    "same command skips finished runs and resumes interrupted ones. Extra --config.a.b=VALUE flags "
+    "apply to every run.",
+  )
+  sw.add_argument(
+    "--config",
+    required=True,
+    help="experiment file or name (FILE:ARG passes ARG); its get_sweep() may declare a grid and seeds",
+  )
   sw.add_argument("--workdir", required=True, help="sweep directory: sweep.json and one workdir per cell and seed")
-  sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                  help="a config key and its values, parsed like --config.KEY=VALUE; repeat for more keys")
+  sw.add_argument(
+    "--grid",
+    action="append",
+    default=[],
+    metavar="KEY=V1,V2",
+    help="a config key and its values, parsed like --config.KEY=VALUE; repeat for more keys",
+  )
   sw.add_argument("--seeds", default=None, help="seeds, e.g. 0-4 or 0,1,2 (default: get_sweep()'s, else the config's)")
-  sw.add_argument("--sequential", action="store_true",
-                  help="train one run at a time instead of a cell's seeds together in one vmapped program")
+  sw.add_argument(
+    "--sequential",
+    action="store_true",
+    help="train one run at a time instead of a cell's seeds together in one vmapped program",
+  )
 
-  cmp = sub.add_parser("compare", allow_abbrev=False, help="tabulate and plot runs grouped by the config keys that differ",
-                       description="Group runs by the config keys that differ (seeds pooled); print mean +- std, 95%% "
-                       "CI and Welch's t-test against a baseline; write comparison.md/.csv/.json and PNGs.")
+  cmp = sub.add_parser(
+    "compare",
+    allow_abbrev=False,
+    help="tabulate and plot runs grouped by the config keys that differ",
+    description="Group runs by the config keys that differ (seeds pooled); print mean +- std, 95%% "
+    "CI and Welch's t-test against a baseline; write comparison.md/.csv/.json and PNGs.",
+  )
   cmp.add_argument("paths", nargs="+", metavar="DIR", help="workdirs or sweep directories (searched recursively)")
   cmp.add_argument("--metric", default=None, help="final eval metric to rank by (default: accuracy or bits_per_byte)")
   cmp.add_argument("--mode", default=None, choices=("max", "min"), help="whether larger is better (default: by metric)")
   cmp.add_argument("--baseline", default=None, help="group every other group is tested against (default: the best)")
   cmp.add_argument("--out", default=None, help="where the tables and PNGs go (default: the common directory of DIR)")
-  cmp.add_argument("--activations", action="store_true",
-                   help="also tabulate and plot per-layer activation statistics on a fixed probe batch")
+  cmp.add_argument(
+    "--activations",
+    action="store_true",
+    help="also tabulate and plot per-layer activation statistics on a fixed probe batch",
+  )
 
-  ck = sub.add_parser("cka", allow_abbrev=False, help="linear CKA between the layers of two runs, as a heat map",
-                      description="Linear CKA between every layer of run A and every layer of run B on the same "
-                      "probe batch (the first eval examples); prints the matrix and writes a heat map PNG.")
+  ck = sub.add_parser(
+    "cka",
+    allow_abbrev=False,
+    help="linear CKA between the layers of two runs, as a heat map",
+    description="Linear CKA between every layer of run A and every layer of run B on the same "
+    "probe batch (the first eval examples); prints the matrix and writes a heat map PNG.",
+  )
   ck.add_argument("a", metavar="A", help="workdir of the first run")
   ck.add_argument("b", metavar="B", help="workdir of the second run")
   ck.add_argument("--out", default=None, help="PNG path (default: A/plots/cka.png)")
 
-  ins = sub.add_parser("inspect", allow_abbrev=False, help="show a checkpoint's steps, config, metadata and parameters",
-                       description="Show the steps, config, metadata, metrics and parameter tree of a checkpoint.")
+  ins = sub.add_parser(
+    "inspect",
+    allow_abbrev=False,
+    help="show a checkpoint's steps, config, metadata and parameters",
+    description="Show the steps, config, metadata, metrics and parameter tree of a checkpoint.",
+  )
   ins.add_argument("path", help="workdir, its checkpoints/ directory, or one step directory")
   ins.add_argument("--step", type=int, default=None, help="step to describe (default: newest)")
   ins.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -80,8 +134,12 @@ def _parser() -> argparse.ArgumentParser:
 def _add_use_commands(sub) -> None:
   """sample, predict, export: the commands that use a trained model (README 'Use a trained model')."""
   source = "run directory, a checkpoint step directory or an exported bundle"
-  sa = sub.add_parser("sample", allow_abbrev=False, help="generate text from a GPT run or bundle",
-                      description="Continue a prompt with a GPT's KV cache; a single sample streams to stdout.")
+  sa = sub.add_parser(
+    "sample",
+    allow_abbrev=False,
+    help="generate text from a GPT run or bundle",
+    description="Continue a prompt with a GPT's KV cache; a single sample streams to stdout.",
+  )
   sa.add_argument("--workdir", required=True, help=source)
   sa.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   sa.add_argument("--prompt", required=True, help="text to continue (UTF-8; the model reads bytes)")
@@ -92,8 +150,12 @@ def _add_use_commands(sub) -> None:
   sa.add_argument("--num-samples", type=int, default=1, help="independent samples, decoded as one batch")
   sa.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same text")
 
-  pr = sub.add_parser("predict", allow_abbrev=False, help="classify images with an image-model run or bundle",
-                      description="Top classes for PNG/JPEG/.npy files, resized and scaled as in training.")
+  pr = sub.add_parser(
+    "predict",
+    allow_abbrev=False,
+    help="classify images with an image-model run or bundle",
+    description="Top classes for PNG/JPEG/.npy files, resized and scaled as in training.",
+  )
   pr.add_argument("--workdir", required=True, help=source)
   pr.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   pr.add_argument("files", nargs="+", help="PNG, JPEG (anything Pillow reads) or .npy files")
@@ -101,9 +163,13 @@ def _add_use_commands(sub) -> None:
   pr.add_argument("--invert", action="store_true", help="swap light and dark (dark ink on white paper)")
   pr.add_argument("--json", action="store_true", help="print one JSON list instead of text")
 
-  ex = sub.add_parser("export", allow_abbrev=False, help="write a step as a bundle or a Hugging Face GPT-2",
-                      description="Write a self-contained bundle (safetensors, config, model card) or, with "
-                                  "--format hf, a transformers GPT2LMHeadModel directory.")
+  ex = sub.add_parser(
+    "export",
+    allow_abbrev=False,
+    help="write a step as a bundle or a Hugging Face GPT-2",
+    description="Write a self-contained bundle (safetensors, config, model card) or, with "
+    "--format hf, a transformers GPT2LMHeadModel directory.",
+  )
   ex.add_argument("--workdir", required=True, help=source)
   ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   ex.add_argument("--out", required=True, help="new directory to write")
@@ -157,9 +223,11 @@ def _inspect(args: argparse.Namespace) -> None:
     return
   meta, config = info["meta"], info["config"]
   print(f"{info['directory']}: steps {', '.join(map(str, info['steps']))}; showing step {info['step']}")
-  print(f"model {config['model']['name']} on {config['dataset']['name']}, seed {config['seed']}; saved on "
-        f"{meta.get('devices')} {meta.get('platform')} device(s), {meta.get('processes')} process(es), mesh "
-        f"{meta.get('mesh')}")
+  print(
+    f"model {config['model']['name']} on {config['dataset']['name']}, seed {config['seed']}; saved on "
+    f"{meta.get('devices')} {meta.get('platform')} device(s), {meta.get('processes')} process(es), mesh "
+    f"{meta.get('mesh')}"
+  )
   last = meta.get("last_eval")
   if meta.get("eval"):
     print(f"eval at this step: {meta['eval']}")
@@ -167,14 +235,17 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"eval: none at this step; newest: step {last['step']} {last['metrics']}" if last else "eval: none yet")
   print(f"files: {info['integrity']}")
   print("versions: " + ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items()))
-  totals = "; ".join(f"{k} {t['count']:,} values in {t['arrays']} arrays, {t['bytes'] / 2**20:.2f} MiB"
-                     for k, t in sorted(info["totals"].items(), key=lambda kv: kv[0] != "params"))
+  totals = "; ".join(
+    f"{k} {t['count']:,} values in {t['arrays']} arrays, {t['bytes'] / 2**20:.2f} MiB"
+    for k, t in sorted(info["totals"].items(), key=lambda kv: kv[0] != "params")
+  )
   print(f"{info['param_count']:,} parameters; state: {totals}")
   shown = [a for a in info["arrays"] if a["path"].split("/")[0] in ("params", "batch_stats")]
   width = max((len(a["path"]) for a in shown), default=0)
   for a in shown:
-    print(f"  {a['path']:<{width}}  {str(tuple(a['shape'])):>16}  {a['dtype']:>8}  {a['count']:>12,}  "
-          f"{a['bytes']:>13,} B")
+    print(
+      f"  {a['path']:<{width}}  {str(tuple(a['shape'])):>16}  {a['dtype']:>8}  {a['count']:>12,}  {a['bytes']:>13,} B"
+    )
   for row in info["metrics"]["at_step"] or info["metrics"]["last"]:
     print("  metrics:", json.dumps(row))
   print("(--json gives every array, optimizer state included, and the full config)")
@@ -211,9 +282,18 @@ def _cka(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
   runtime.configure()
 
-  jaxcollab.sample(args.workdir, args.prompt, step=args.step, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_samples=args.num_samples,
-                   seed=args.seed, stream=sys.stdout)
+  jaxcollab.sample(
+    args.workdir,
+    args.prompt,
+    step=args.step,
+    max_new_tokens=args.max_new_tokens,
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+    num_samples=args.num_samples,
+    seed=args.seed,
+    stream=sys.stdout,
+  )
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -232,8 +312,14 @@ def _export(args: argparse.Namespace) -> None:
   from jaxcollab import export  # pylint: disable=g-import-not-at-top  # After configure: see _train.
 
   out = export.export(args.workdir, args.out, step=args.step, fmt=args.format)
-  print(f"Wrote {out}" + (" (load it with transformers.GPT2LMHeadModel.from_pretrained)" if args.format == "hf"
-                          else " (jaxcollab.load, or --workdir of eval/sample/predict)"))
+  print(
+    f"Wrote {out}"
+    + (
+      " (load it with transformers.GPT2LMHeadModel.from_pretrained)"
+      if args.format == "hf"
+      else " (jaxcollab.load, or --workdir of eval/sample/predict)"
+    )
+  )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,9 +331,17 @@ def main(argv: list[str] | None = None) -> int:
   stray = [u for u in unknown if not u.startswith("--config.")]
   if stray or (overrides and args.command not in ("train", "sweep")):
     parser.error(f"unrecognized arguments: {' '.join(stray or overrides)}")
-  commands = {"train": lambda: _train(args, overrides), "eval": lambda: _eval(args), "inspect": lambda: _inspect(args),
-              "sweep": lambda: _sweep(args, overrides), "compare": lambda: _compare(args), "cka": lambda: _cka(args),
-              "sample": lambda: _sample(args), "predict": lambda: _predict(args), "export": lambda: _export(args)}
+  commands = {
+    "train": lambda: _train(args, overrides),
+    "eval": lambda: _eval(args),
+    "inspect": lambda: _inspect(args),
+    "sweep": lambda: _sweep(args, overrides),
+    "compare": lambda: _compare(args),
+    "cka": lambda: _cka(args),
+    "sample": lambda: _sample(args),
+    "predict": lambda: _predict(args),
+    "export": lambda: _export(args),
+  }
   try:
     code = commands[args.command]()
   except (UserError, FileNotFoundError) as e:

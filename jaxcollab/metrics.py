@@ -160,21 +160,21 @@ def write_run_info(workdir: str, *, config_json: str, mesh_shape: dict[str, int]
   status = _git(source_dir, "status", "--porcelain") if commit is not None else None
   devices = jax.devices()
   info = {
-      "versions": runtime.versions(),
-      "devices": {
-          "platform": devices[0].platform,
-          "device_kind": devices[0].device_kind,
-          "count": len(devices),
-          "local_count": jax.local_device_count(),
-      },
-      "process_count": jax.process_count(),
-      "host": socket.gethostname(),  # Written by process 0 only, so this is process 0's host.
-      "mesh_shape": {str(k): int(v) for k, v in mesh_shape.items()},
-      "git_commit": commit.strip() if commit is not None else None,
-      "git_dirty": bool(status.strip()) if status is not None else None,
-      "command": " ".join(argv),
-      "config_sha256": hashlib.sha256(config_json.encode("utf-8")).hexdigest(),
-      "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "versions": runtime.versions(),
+    "devices": {
+      "platform": devices[0].platform,
+      "device_kind": devices[0].device_kind,
+      "count": len(devices),
+      "local_count": jax.local_device_count(),
+    },
+    "process_count": jax.process_count(),
+    "host": socket.gethostname(),  # Written by process 0 only, so this is process 0's host.
+    "mesh_shape": {str(k): int(v) for k, v in mesh_shape.items()},
+    "git_commit": commit.strip() if commit is not None else None,
+    "git_dirty": bool(status.strip()) if status is not None else None,
+    "command": " ".join(argv),
+    "config_sha256": hashlib.sha256(config_json.encode("utf-8")).hexdigest(),
+    "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
   os.makedirs(workdir, exist_ok=True)
   records.write_atomic(os.path.join(workdir, records.RUN_FILE), json.dumps(info, indent=2) + "\n")
@@ -211,14 +211,14 @@ def classification_report(confusion: np.ndarray, class_names: list[str] | None =
   f1 = _safe_divide(2 * precision * recall, precision + recall)
   total = confusion.sum()
   return {
-      "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
-      "per_class": [
-          {"class": n, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-          for n, p, r, f, s in zip(names, precision, recall, f1, support)
-      ],
-      "macro_precision": float(precision.mean()),
-      "macro_recall": float(recall.mean()),
-      "macro_f1": float(f1.mean()),
+    "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
+    "per_class": [
+      {"class": n, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+      for n, p, r, f, s in zip(names, precision, recall, f1, support)
+    ],
+    "macro_precision": float(precision.mean()),
+    "macro_recall": float(recall.mean()),
+    "macro_f1": float(f1.mean()),
   }
 
 
@@ -228,16 +228,13 @@ def format_report(report: dict) -> str:
   width = max([len("macro avg")] + [len(c["class"]) for c in per_class])
   lines = [f"{'':>{width}} {'precision':>9} {'recall':>9} {'f1-score':>9} {'support':>9}", ""]
   for c in per_class:
-    lines.append(f"{c['class']:>{width}} {c['precision']:>9.4f} {c['recall']:>9.4f} {c['f1']:>9.4f} "
-                 f"{c['support']:>9d}")
+    lines.append(f"{c['class']:>{width}} {c['precision']:>9.4f} {c['recall']:>9.4f} {c['f1']:>9.4f} {c['support']:>9d}")
   total = sum(c["support"] for c in per_class)
   macro_p = report.get("macro_precision", float(np.mean([c["precision"] for c in per_class])))
   macro_r = report.get("macro_recall", float(np.mean([c["recall"] for c in per_class])))
   lines += [
-      "",
-      f"{'accuracy':>{width}} {'':>9} {'':>9} {report['accuracy']:>9.4f} {total:>9d}",
-      f"{'macro avg':>{width}} {macro_p:>9.4f} {macro_r:>9.4f} {report['macro_f1']:>9.4f} {total:>9d}",
+    "",
+    f"{'accuracy':>{width}} {'':>9} {'':>9} {report['accuracy']:>9.4f} {total:>9d}",
+    f"{'macro avg':>{width}} {macro_p:>9.4f} {macro_r:>9.4f} {report['macro_f1']:>9.4f} {total:>9d}",
   ]
   return "\n".join(lines) + "\n"
-
-

@@ -30,18 +30,18 @@ def _warmup_cosine(opt_config: ml_collections.ConfigDict, total_updates: int) ->
   k = opt_config.get("accumulate_steps", 1)
   warmup_updates = -(-opt_config.warmup_steps // k)  # Ceil: any warmup asked for stays non-zero.
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=opt_config.learning_rate,
-      warmup_steps=warmup_updates,
-      decay_steps=total_updates,  # optax counts the warmup inside decay_steps.
-      end_value=opt_config.end_learning_rate,
+    init_value=0.0,
+    peak_value=opt_config.learning_rate,
+    warmup_steps=warmup_updates,
+    decay_steps=total_updates,  # optax counts the warmup inside decay_steps.
+    end_value=opt_config.end_learning_rate,
   )
 
 
 # Name -> (optimizer config, number of optimizer updates) -> schedule of the update count.
 SCHEDULES: dict[str, Callable[[ml_collections.ConfigDict, int], optax.Schedule]] = {
-    "constant": _constant,
-    "warmup_cosine": _warmup_cosine,
+  "constant": _constant,
+  "warmup_cosine": _warmup_cosine,
 }
 
 
@@ -68,9 +68,9 @@ def _sgd(c: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTran
 
 # Name -> (optimizer config, learning-rate schedule) -> gradient transformation.
 OPTIMIZERS: dict[str, Callable[[ml_collections.ConfigDict, optax.Schedule], optax.GradientTransformation]] = {
-    "adam": _adam,
-    "adamw": _adamw,
-    "sgd": _sgd,
+  "adam": _adam,
+  "adamw": _adamw,
+  "sgd": _sgd,
 }
 
 
@@ -87,18 +87,17 @@ def check(opt_config: ml_collections.ConfigDict, total_steps: int) -> None:
   total_updates = total_steps // k
   if total_updates < 1:
     raise ConfigError(
-        f"train.steps ({total_steps}) must be at least optimizer.accumulate_steps ({k}), "
-        "or the optimizer never updates."
+      f"train.steps ({total_steps}) must be at least optimizer.accumulate_steps ({k}), or the optimizer never updates."
     )
   if opt_config.schedule == "warmup_cosine" and -(-opt_config.warmup_steps // k) >= total_updates:
     raise ConfigError(
-        f"optimizer.warmup_steps ({opt_config.warmup_steps}) leaves no room for the cosine decay in "
-        f"train.steps ({total_steps}) with accumulate_steps {k}; shorten the warmup or train longer."
+      f"optimizer.warmup_steps ({opt_config.warmup_steps}) leaves no room for the cosine decay in "
+      f"train.steps ({total_steps}) with accumulate_steps {k}; shorten the warmup or train longer."
     )
 
 
 def make_optimizer(
-    opt_config: ml_collections.ConfigDict, total_steps: int
+  opt_config: ml_collections.ConfigDict, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optimizer, schedule) for `total_steps` micro-steps; the schedule takes the update count."""
   check(opt_config, total_steps)

@@ -54,7 +54,7 @@ def plot_curves(rows: list[dict], path: str) -> None:
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-  for ax in list(axes.flat)[max(len(names), 1):]:
+  for ax in list(axes.flat)[max(len(names), 1) :]:
     ax.axis("off")
   fig.tight_layout()
   save(fig, path)
@@ -66,8 +66,7 @@ def save(fig: Figure, path: str) -> None:
   fig.savefig(path, dpi=100)
 
 
-def plot_confusion(confusion: np.ndarray, path: str, class_names: list[str] | None = None,
-                   title: str = "") -> None:
+def plot_confusion(confusion: np.ndarray, path: str, class_names: list[str] | None = None, title: str = "") -> None:
   """Writes a PNG heat map of a [C, C] count matrix (rows true, columns predicted), counts annotated."""
   confusion = metrics.check_confusion(confusion)
   n = confusion.shape[0]
@@ -89,7 +88,8 @@ def plot_confusion(confusion: np.ndarray, path: str, class_names: list[str] | No
       for j in range(n):
         count = confusion[i, j]
         label = f"{int(count)}" if float(count).is_integer() else f"{count:.3g}"
-        ax.text(j, i, label, ha="center", va="center", fontsize=8,
-                color="white" if confusion[i, j] > threshold else "black")
+        ax.text(
+          j, i, label, ha="center", va="center", fontsize=8, color="white" if confusion[i, j] > threshold else "black"
+        )
   fig.tight_layout()
   save(fig, path)

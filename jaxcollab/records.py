@@ -39,8 +39,9 @@ def read_rows(path: str, skip_bad: bool = False) -> list[dict]:
       elif skip_bad:
         logging.warning("Skipping line %d of %s: it is not a JSON object (%s).", i + 1, path, e)
       else:
-        raise UserError(f"Line {i + 1} of {path} is not a JSON object ({e}); fix or delete that line, then "
-                        "rerun.") from None
+        raise UserError(
+          f"Line {i + 1} of {path} is not a JSON object ({e}); fix or delete that line, then rerun."
+        ) from None
   return rows
 
 
@@ -57,9 +58,7 @@ def read_metrics(workdir: str, skip_bad: bool = False) -> list[dict]:
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
-        f"No {METRICS_FILE} in {workdir}; check the path, or train a run into it with "
-        f"`jaxcollab train --workdir {workdir}`."
+      f"No {METRICS_FILE} in {workdir}; check the path, or train a run into it with "
+      f"`jaxcollab train --workdir {workdir}`."
     )
   return read_rows(path, skip_bad)
-
-

@@ -26,6 +26,7 @@ from jaxcollab.errors import CheckpointError, CorruptCheckpointError
 
 PyTree = Any
 
+
 @dataclasses.dataclass(frozen=True)
 class StepRef:
   """One finished step: its checkpoints directory, number, and the other steps available."""
@@ -39,13 +40,12 @@ class StepRef:
     return os.path.join(self.directory, str(self.step))
 
 
-
-
 def resolve(path: str, step: int | None = None) -> StepRef:
   """A workdir, its checkpoints/ directory or one step directory -> the step to read."""
   if not os.path.exists(path):
-    raise CheckpointError(f"Checkpoint path {path!r} does not exist; pass a workdir, its checkpoints/ "
-                          "directory or one step directory.")
+    raise CheckpointError(
+      f"Checkpoint path {path!r} does not exist; pass a workdir, its checkpoints/ directory or one step directory."
+    )
   path = os.path.abspath(path)
   directory = path
   if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -57,13 +57,17 @@ def resolve(path: str, step: int | None = None) -> StepRef:
     step = own
   steps = checkpoint.finished_steps(directory)
   if not steps:
-    raise CheckpointError(f"{path!r} holds no finished checkpoint; pass a workdir that `jaxcollab train` wrote "
-                          "(with a checkpoints/ directory) or one of its step directories.")
+    raise CheckpointError(
+      f"{path!r} holds no finished checkpoint; pass a workdir that `jaxcollab train` wrote "
+      "(with a checkpoints/ directory) or one of its step directories."
+    )
   if step is None:
     step = steps[-1]
   if step not in steps:
-    raise CheckpointError(f"Step {step} is not among the checkpoints in {directory} (available: "
-                          f"{', '.join(map(str, steps))}); pass one of those.")
+    raise CheckpointError(
+      f"Step {step} is not among the checkpoints in {directory} (available: "
+      f"{', '.join(map(str, steps))}); pass one of those."
+    )
   return StepRef(directory, step, steps)
 
 
@@ -74,10 +78,9 @@ def _reading(ref: StepRef):
     yield
   except CorruptCheckpointError as e:
     others = ", ".join(str(s) for s in ref.steps if s != ref.step)
-    raise CorruptCheckpointError(f"{e}; pick another step with --step ({others})." if others else
-                                 f"{e}; it is the only step in {ref.directory}.") from e
-
-
+    raise CorruptCheckpointError(
+      f"{e}; pick another step with --step ({others})." if others else f"{e}; it is the only step in {ref.directory}."
+    ) from e
 
 
 def read_config(ref: StepRef) -> ConfigDict:
@@ -90,8 +93,6 @@ def read_config(ref: StepRef) -> ConfigDict:
 def read_meta(ref: StepRef) -> dict:
   """Step, eval metrics, dataset, mesh, devices and versions saved with a step."""
   return checkpoint.read_json(ref.path, ref.step, checkpoint.META)
-
-
 
 
 def read_state_numpy(ref: StepRef, keys: tuple[str, ...] | None = None, verified: bool = False) -> dict[str, PyTree]:
@@ -107,15 +108,17 @@ def read_state_numpy(ref: StepRef, keys: tuple[str, ...] | None = None, verified
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    return handler.restore(epath.Path(ref.path) / checkpoint.STATE, args=ocp.args.PyTreeRestore(
-        item=tree, restore_args=as_numpy, partial_restore=keys is not None))
+    return handler.restore(
+      epath.Path(ref.path) / checkpoint.STATE,
+      args=ocp.args.PyTreeRestore(item=tree, restore_args=as_numpy, partial_restore=keys is not None),
+    )
   except Exception as e:  # Checksums passed (or were not asked for): not damage; name the cause.
-    raise CheckpointError(f"Checkpoint step {ref.step} in {ref.directory} could not be read "
-                          f"({checkpoint.first_line(e)}); its files are intact, so fix the cause named here.") from e
+    raise CheckpointError(
+      f"Checkpoint step {ref.step} in {ref.directory} could not be read "
+      f"({checkpoint.first_line(e)}); its files are intact, so fix the cause named here."
+    ) from e
   finally:
     handler.close()
-
-
 
 
 def load(path: str, step: int | None = None):
@@ -132,7 +135,9 @@ def load(path: str, step: int | None = None):
     info = data.DatasetInfo(**fields)
     model = models.build(config, info)
     expected = checkpoint.model_part(jax.eval_shape(lambda: nn.unbox(run_lib.init_variables(model, info, config.seed))))
-    checkpoint.check_structure(checkpoint.model_part(checkpoint.read_state_metadata(ref.path, ref.step)), expected, ref.path)
+    checkpoint.check_structure(
+      checkpoint.model_part(checkpoint.read_state_metadata(ref.path, ref.step)), expected, ref.path
+    )
     variables = jax.device_put(read_state_numpy(ref, keys=("params", "batch_stats"), verified=True))
   return model, variables, config
 
@@ -157,16 +162,28 @@ def init_from(state: run_lib.TrainState, path: str) -> run_lib.TrainState:
   target = checkpoint.model_part({"params": state.params, "batch_stats": state.batch_stats})
   missing, unexpected, mismatched = checkpoint.structure_diff(source, target)
   kept = sorted(set(missing) | {m.split(" ")[0] for m in mismatched})
-  leaves = [x if n in kept else jax.device_put(np.asarray(flat_source[n], x.dtype), x.sharding)
-            for n, x in _flat_leaves(target)]
+  leaves = [
+    x if n in kept else jax.device_put(np.asarray(flat_source[n], x.dtype), x.sharding) for n, x in _flat_leaves(target)
+  ]
   if len(kept) == len(leaves):
-    raise CheckpointError(f"--config.init_from={path} shares no parameter (same path and shape) with this model; "
-                          "point it at a run of the same architecture.")
+    raise CheckpointError(
+      f"--config.init_from={path} shares no parameter (same path and shape) with this model; "
+      "point it at a run of the same architecture."
+    )
   loaded = jax.tree_util.tree_unflatten(jax.tree.structure(target), leaves)
   log = logging.warning if kept or unexpected else logging.info
-  log("init_from %s (step %d): loaded %d of %d arrays; kept the fresh initialisation of %d (%s); ignored %d "
-      "source arrays (%s).", ref.path, ref.step, len(leaves) - len(kept), len(leaves), len(kept),
-      checkpoint.listing("missing or reshaped", kept) or "none", len(unexpected), ", ".join(unexpected[:8]) or "none")
+  log(
+    "init_from %s (step %d): loaded %d of %d arrays; kept the fresh initialisation of %d (%s); ignored %d "
+    "source arrays (%s).",
+    ref.path,
+    ref.step,
+    len(leaves) - len(kept),
+    len(leaves),
+    len(kept),
+    checkpoint.listing("missing or reshaped", kept) or "none",
+    len(unexpected),
+    ", ".join(unexpected[:8]) or "none",
+  )
   return state.replace(params=loaded["params"], batch_stats=loaded.get("batch_stats", {}))
 
 
@@ -183,14 +200,19 @@ def describe(path: str, step: int | None = None) -> dict[str, Any]:
   except CorruptCheckpointError as e:
     integrity = str(e)
   with _reading(ref):
-    tree, config, meta = checkpoint.read_state_metadata(ref.path, ref.step), checkpoint.read_json(ref.path, ref.step, checkpoint.CONFIG), read_meta(ref)
+    tree, config, meta = (
+      checkpoint.read_state_metadata(ref.path, ref.step),
+      checkpoint.read_json(ref.path, ref.step, checkpoint.CONFIG),
+      read_meta(ref),
+    )
   arrays: list[dict[str, Any]] = []
   totals: dict[str, dict[str, int]] = {}
   for name, leaf in _flat_leaves(tree):
     shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
     count = int(np.prod(shape, dtype=np.int64))
-    arrays.append({"path": name, "shape": list(shape), "dtype": dtype.name, "count": count,
-                   "bytes": count * dtype.itemsize})
+    arrays.append(
+      {"path": name, "shape": list(shape), "dtype": dtype.name, "count": count, "bytes": count * dtype.itemsize}
+    )
     total = totals.setdefault(name.split("/")[0], {"arrays": 0, "count": 0, "bytes": 0})
     total["arrays"] += 1
     total["count"] += count
@@ -202,10 +224,15 @@ def describe(path: str, step: int | None = None) -> dict[str, Any]:
   for row in rows:
     last[row.get("split")] = row
   return {
-      "directory": ref.directory, "steps": list(ref.steps), "step": ref.step,
-      "config": config, "meta": meta,
-      "integrity": integrity, "arrays": arrays, "totals": totals,
-      "param_count": totals.get("params", {}).get("count", 0),
-      "total_bytes": sum(t["bytes"] for t in totals.values()),
-      "metrics": {"at_step": [r for r in rows if r.get("step") == ref.step], "last": list(last.values())},
+    "directory": ref.directory,
+    "steps": list(ref.steps),
+    "step": ref.step,
+    "config": config,
+    "meta": meta,
+    "integrity": integrity,
+    "arrays": arrays,
+    "totals": totals,
+    "param_count": totals.get("params", {}).get("count", 0),
+    "total_bytes": sum(t["bytes"] for t in totals.values()),
+    "metrics": {"at_step": [r for r in rows if r.get("step") == ref.step], "last": list(last.values())},
   }

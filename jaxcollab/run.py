@@ -60,11 +60,17 @@ def example_batch(info: data.DatasetInfo) -> dict[str, np.ndarray]:
   """A one-example batch of zeros with the dataset's shapes and dtypes."""
   if info.kind == "image":
     assert info.image_shape is not None
-    return {"image": np.zeros((1, *info.image_shape), np.float32), "label": np.zeros((1,), np.int32),
-            "mask": np.ones((1,), np.float32)}
+    return {
+      "image": np.zeros((1, *info.image_shape), np.float32),
+      "label": np.zeros((1,), np.int32),
+      "mask": np.ones((1,), np.float32),
+    }
   assert info.seq_len is not None
-  return {"inputs": np.zeros((1, info.seq_len), np.int32), "targets": np.zeros((1, info.seq_len), np.int32),
-          "mask": np.ones((1, info.seq_len), np.float32)}
+  return {
+    "inputs": np.zeros((1, info.seq_len), np.int32),
+    "targets": np.zeros((1, info.seq_len), np.int32),
+    "mask": np.ones((1, info.seq_len), np.float32),
+  }
 
 
 def init_variables(model: nn.Module, info: data.DatasetInfo, seed: int) -> PyTree:
@@ -72,13 +78,15 @@ def init_variables(model: nn.Module, info: data.DatasetInfo, seed: int) -> PyTre
   return model.init({"params": jax.random.PRNGKey(seed)}, model_input(example_batch(info)), train=False)
 
 
-def forward(state: TrainState, params: PyTree, batch: Batch, is_training: bool,
-            rng: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
+def forward(
+  state: TrainState, params: PyTree, batch: Batch, is_training: bool, rng: jax.Array | None = None
+) -> tuple[jax.Array, PyTree]:
   """Logits and updated BatchNorm statistics (unchanged unless training a BatchNorm model)."""
   mutable = ["batch_stats"] if is_training and state.batch_stats else False
   rngs = {"dropout": rng} if rng is not None else None
-  out = state.apply_fn(variables(params, state.batch_stats), model_input(batch), train=is_training, rngs=rngs,
-                       mutable=mutable)
+  out = state.apply_fn(
+    variables(params, state.batch_stats), model_input(batch), train=is_training, rngs=rngs, mutable=mutable
+  )
   if mutable:
     logits, updates = out
     return logits, updates["batch_stats"]
@@ -97,8 +105,10 @@ def resolve(config: ConfigDict, overridden: Collection[str] = (), drop_unread: b
   task = models.get(config.model.name).TASK
   if spec.kind != task:
     kind = "a text" if spec.kind == "text" else "an image"
-    raise ConfigError(f"Model {config.model.name!r} cannot train on {kind} dataset {config.dataset.name!r}; use "
-                      "model.name=gpt for text and mlp/cnn/resnet for images.")
+    raise ConfigError(
+      f"Model {config.model.name!r} cannot train on {kind} dataset {config.dataset.name!r}; use "
+      "model.name=gpt for text and mlp/cnn/resnet for images."
+    )
   losses.check(config.loss, task)
   optim.check(config.optimizer, config.train.steps)
   return config
@@ -142,8 +152,12 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Ru
   ways = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], processes)
   whole = -(-dataset.info.eval_size // ways) * ways
   if config.train.eval_batch_size > whole:
-    logging.info("train.eval_batch_size=%d exceeds the %d examples of the eval split; using %d.",
-                 config.train.eval_batch_size, dataset.info.eval_size, whole)
+    logging.info(
+      "train.eval_batch_size=%d exceeds the %d examples of the eval split; using %d.",
+      config.train.eval_batch_size,
+      dataset.info.eval_size,
+      whole,
+    )
     config.train.eval_batch_size = whole
   sharding.check_batch(config.train.eval_batch_size, mesh, key="train.eval_batch_size")
   model = models.build(config, dataset.info)
@@ -158,15 +172,15 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Ru
     unboxed = nn.unbox(boxed_variables())
     params = unboxed["params"]
     return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        batch_stats=unboxed.get("batch_stats", {}),
-        rng=jax.random.PRNGKey(config.seed + 1),
-        apply_fn=model.apply,
-        tx=tx,
-        loss_fn=loss_fn,
-        lr_fn=lambda step: lr_fn(step // accumulate),
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      batch_stats=unboxed.get("batch_stats", {}),
+      rng=jax.random.PRNGKey(config.seed + 1),
+      apply_fn=model.apply,
+      tx=tx,
+      loss_fn=loss_fn,
+      lr_fn=lambda step: lr_fn(step // accumulate),
     )
 
   param_specs = sharding.logical_specs(jax.eval_shape(boxed_variables))["params"]

@@ -47,7 +47,9 @@ def parse_rules(rules: Sequence[Sequence[str]]) -> Rules:
     axes = tuple(a.strip() for a in str(target).split(",") if a.strip())
     for a in axes:
       if a not in MESH_AXES:
-        raise UserError(f"mesh.rules maps {name!r} to unknown mesh axis {a!r}; use one of {', '.join(MESH_AXES)} or ''.")
+        raise UserError(
+          f"mesh.rules maps {name!r} to unknown mesh axis {a!r}; use one of {', '.join(MESH_AXES)} or ''."
+        )
     out.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
   return tuple(out)
 
@@ -65,14 +67,14 @@ def mesh_shape(mesh_config: ConfigDict, num_devices: int) -> dict[str, int]:
   if free:
     if num_devices % fixed:
       raise UserError(
-          f"The fixed mesh sizes multiply to {fixed}, which does not divide the {num_devices} devices; "
-          f"choose mesh sizes whose product divides {num_devices}."
+        f"The fixed mesh sizes multiply to {fixed}, which does not divide the {num_devices} devices; "
+        f"choose mesh sizes whose product divides {num_devices}."
       )
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
     raise UserError(
-        f"mesh.data*mesh.fsdp*mesh.tensor = {fixed} but there are {num_devices} devices; "
-        "make the product equal the device count or set one axis to -1."
+      f"mesh.data*mesh.fsdp*mesh.tensor = {fixed} but there are {num_devices} devices; "
+      "make the product equal the device count or set one axis to -1."
     )
   return sizes
 
@@ -101,22 +103,22 @@ def check_batch(global_batch: int, mesh: Mesh, key: str = "train.batch_size") ->
   ways = mesh.shape["data"] * mesh.shape["fsdp"]
   if global_batch % ways:
     raise UserError(
-        f"{key}={global_batch} is not divisible by mesh data*fsdp={ways}; "
-        f"use a multiple of {ways} or change the mesh."
+      f"{key}={global_batch} is not divisible by mesh data*fsdp={ways}; use a multiple of {ways} or change the mesh."
     )
   processes = len({d.process_index for d in mesh.devices.flat})
   if processes == 1:
     return  # A mesh on this process's devices alone (one host, or a local evaluation).
   if global_batch % processes:
-    raise UserError(f"{key}={global_batch} is not divisible by the {processes} processes; "
-                    f"use a multiple of {processes}.")
+    raise UserError(
+      f"{key}={global_batch} is not divisible by the {processes} processes; use a multiple of {processes}."
+    )
   start, stop = process_rows(mesh, global_batch)
   if stop - start != global_batch // processes:
     # Each process reads only its own 1/processes of the data (grain sharding by process).
     raise UserError(
-        f"Process {jax.process_index()} holds {stop - start} of the {global_batch} rows of {key}, but each of the "
-        f"{processes} processes reads {global_batch // processes}; keep mesh.tensor within one host (at most "
-        "its local device count) so that data*fsdp spans the processes."
+      f"Process {jax.process_index()} holds {stop - start} of the {global_batch} rows of {key}, but each of the "
+      f"{processes} processes reads {global_batch // processes}; keep mesh.tensor within one host (at most "
+      "its local device count) so that data*fsdp spans the processes."
     )
 
 
@@ -126,13 +128,16 @@ def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
   rows = sorted({idx[0].indices(global_batch)[:2] for idx in indices if idx is not None})
   start, stop = rows[0][0], rows[-1][1]
   if sum(b - a for a, b in rows) != stop - start:
-    raise UserError(f"This mesh gives process {jax.process_index()} non-contiguous batch rows {rows}; "
-                    "order the devices so that each process holds one block of the data*fsdp axes.")
+    raise UserError(
+      f"This mesh gives process {jax.process_index()} non-contiguous batch rows {rows}; "
+      "order the devices so that each process holds one block of the data*fsdp axes."
+    )
   return start, stop
 
 
-def check_params(param_specs: PyTree, abstract_params: PyTree, mesh: Mesh, rules: Rules,
-                 hints: dict[str, str] | None = None) -> None:
+def check_params(
+  param_specs: PyTree, abstract_params: PyTree, mesh: Mesh, rules: Rules, hints: dict[str, str] | None = None
+) -> None:
   """Every sharded parameter axis must divide evenly over the mesh axes its logical name maps to."""
   hints = hints or {}
   specs = jax.tree_util.tree_flatten_with_path(param_specs, is_leaf=lambda x: isinstance(x, P))[0]
@@ -147,8 +152,8 @@ def check_params(param_specs: PyTree, abstract_params: PyTree, mesh: Mesh, rules
         split = "*".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
         key = f" ({hints[name]})" if name in hints else ""
         raise UserError(
-            f"Parameter {where} has size {size} on its {name!r} axis{key}, which {split} cannot split evenly; "
-            f"choose a size divisible by {ways}, other mesh sizes, or map {name!r} to '' in mesh.rules."
+          f"Parameter {where} has size {size} on its {name!r} axis{key}, which {split} cannot split evenly; "
+          f"choose a size divisible by {ways}, other mesh sizes, or map {name!r} to '' in mesh.rules."
         )
 
 
@@ -160,8 +165,10 @@ def check_same_across_processes(value: str, what: str) -> None:
   digests = np.asarray(jax.experimental.multihost_utils.process_allgather(digest))
   differ = [i for i in range(len(digests)) if not np.array_equal(digests[i], digests[0])]
   if differ:
-    raise UserError(f"{what} differs between process 0 and process(es) {differ}; start every process with the "
-                    "same command line (same experiment, --config overrides and --workdir).")
+    raise UserError(
+      f"{what} differs between process 0 and process(es) {differ}; start every process with the "
+      "same command line (same experiment, --config overrides and --workdir)."
+    )
 
 
 def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -180,15 +187,16 @@ def state_specs(abstract_state: PyTree, param_specs: PyTree) -> PyTree:
   like_params = lambda node: jax.tree.structure(node) == params
   # Every subtree of the optimizer state shaped like the parameters (Adam's mu and nu, momentum,
   # accumulated gradients) is sharded like them; counters and the like are replicated scalars.
-  opt_specs = jax.tree.map(lambda node: param_specs if like_params(node) else P(), abstract_state.opt_state,
-                           is_leaf=like_params)
+  opt_specs = jax.tree.map(
+    lambda node: param_specs if like_params(node) else P(), abstract_state.opt_state, is_leaf=like_params
+  )
   replicated = lambda tree: jax.tree.map(lambda _: P(), tree)
   return abstract_state.replace(
-      step=P(),
-      params=param_specs,
-      opt_state=opt_specs,
-      batch_stats=replicated(abstract_state.batch_stats),
-      rng=P(),
+    step=P(),
+    params=param_specs,
+    opt_state=opt_specs,
+    batch_stats=replicated(abstract_state.batch_stats),
+    rng=P(),
   )
 
 
@@ -233,8 +241,9 @@ def _wait_for_port(address: str, deadline: float) -> bool:
       time.sleep(0.25)
 
 
-def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
-                           timeout_s: int = 300) -> None:
+def initialize_distributed(
+  coordinator: str | None, num_processes: int | None, process_id: int | None, timeout_s: int = 300
+) -> None:
   """Joins a multi-process run; with no arguments JAX detects SLURM/TPU/MPI clusters itself.
 
   JAX aborts the process (C++ LOG(FATAL)) when the other processes do not join in time, so a
@@ -243,8 +252,9 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
   if num_processes is not None and num_processes < 1:
     raise UserError(f"--num_processes must be >= 1, got {num_processes}.")
   if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-    raise UserError(f"--process_id={process_id} is out of range for --num_processes={num_processes}; "
-                    f"use 0..{num_processes - 1}.")
+    raise UserError(
+      f"--process_id={process_id} is out of range for --num_processes={num_processes}; use 0..{num_processes - 1}."
+    )
   if process_id is not None and process_id < 0:
     raise UserError(f"--process_id must be >= 0, got {process_id}.")
   if timeout_s <= 0:
@@ -253,8 +263,10 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
   deadline = time.monotonic() + timeout_s
   if coordinator and process_id:  # Process 0 starts the coordinator service itself.
     if not _wait_for_port(coordinator, deadline):
-      raise UserError(f"Could not reach the coordinator at {coordinator} within {timeout_s} s ({me}); start "
-                      "process 0 there, check the address, port and firewall, or raise --init_timeout.")
+      raise UserError(
+        f"Could not reach the coordinator at {coordinator} within {timeout_s} s ({me}); start "
+        "process 0 there, check the address, port and firewall, or raise --init_timeout."
+      )
   # Collectives between CPU devices of different processes (tests, CPU clusters); GPUs/TPUs use NCCL/ICI.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   lock, joined = threading.Lock(), threading.Event()
@@ -266,9 +278,10 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
       where = f"coordinator {coordinator}" if coordinator else "the coordinator JAX detected"
       count = f"all {num_processes}" if num_processes else "all"
       sys.stderr.write(
-          f"jaxcollab: error: Not {count} processes joined at {where} within {timeout_s} s "
-          f"({me}); start every process with the same --coordinator_address and --num_processes, or raise "
-          "--init_timeout.\n")
+        f"jaxcollab: error: Not {count} processes joined at {where} within {timeout_s} s "
+        f"({me}); start every process with the same --coordinator_address and --num_processes, or raise "
+        "--init_timeout.\n"
+      )
       sys.stderr.flush()
       os._exit(2)  # jax.distributed.initialize cannot be interrupted from Python.
 
@@ -277,16 +290,16 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
   watchdog.start()
   try:
     jax.distributed.initialize(
-        coordinator_address=coordinator,
-        num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=timeout_s + 60,
+      coordinator_address=coordinator,
+      num_processes=num_processes,
+      process_id=process_id,
+      initialization_timeout=timeout_s + 60,
     )
   except Exception as e:  # jax raises several types (RuntimeError, XlaRuntimeError, ValueError).
     detail = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise UserError(
-        f"Could not join a distributed run ({detail}); pass --coordinator_address, --num_processes and "
-        "--process_id, or run under SLURM or on a TPU pod where JAX detects them."
+      f"Could not join a distributed run ({detail}); pass --coordinator_address, --num_processes and "
+      "--process_id, or run under SLURM or on a TPU pod where JAX detects them."
     ) from e
   finally:
     with lock:

@@ -45,20 +45,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   out = {
-      "loss": loss,
-      "learning_rate": state.lr_fn(state.step),
-      "grad_norm": optax.tree.norm(grads),
-      "param_norm": optax.tree.norm(params),
-      "update_norm": optax.tree.norm(updates),
+    "loss": loss,
+    "learning_rate": state.lr_fn(state.step),
+    "grad_norm": optax.tree.norm(grads),
+    "param_norm": optax.tree.norm(params),
+    "update_norm": optax.tree.norm(updates),
   }
   if "label" in batch:
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     out["accuracy"] = jnp.sum(correct * mask) / jnp.maximum(jnp.sum(mask), 1.0)
   else:
     out["bits_per_byte"] = loss / math.log(2)
-  new_state = state.replace(
-      step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
-  )
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats)
   return new_state, out
 
 
@@ -70,10 +68,10 @@ def jit_train_step(run: Run) -> Callable:
       return train_step(state, batch)
 
   return jax.jit(
-      step,
-      in_shardings=(run.shardings, sharding.batch_sharding(run.mesh)),
-      out_shardings=(run.shardings, None),
-      donate_argnums=0,
+    step,
+    in_shardings=(run.shardings, sharding.batch_sharding(run.mesh)),
+    out_shardings=(run.shardings, None),
+    donate_argnums=0,
   )
 
 
@@ -88,8 +86,15 @@ def _target_met(target: tuple[str, str, float] | None, result: dict[str, float])
 class StepLogger:
   """Turns each step's device metrics into log rows, throughput and progress, one step late."""
 
-  def __init__(self, writer: metrics.MetricWriter, progress: metrics.Progress, config: ConfigDict,
-               start: int, per_batch: int, unit: str):
+  def __init__(
+    self,
+    writer: metrics.MetricWriter,
+    progress: metrics.Progress,
+    config: ConfigDict,
+    start: int,
+    per_batch: int,
+    unit: str,
+  ):
     self.writer, self.progress, self.config = writer, progress, config
     self.per_batch, self.unit = per_batch, unit
     self.pending: tuple[int, dict[str, jax.Array]] | None = None  # (step, device metrics) not yet on the host.
@@ -108,8 +113,8 @@ class StepLogger:
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     if not math.isfinite(values["loss"]):
       raise NonFiniteLossError(
-          f"The loss became {values['loss']} at step {step}; lower optimizer.learning_rate or set "
-          "optimizer.grad_clip (finished checkpoints are kept)."
+        f"The loss became {values['loss']} at step {step}; lower optimizer.learning_rate or set "
+        "optimizer.grad_clip (finished checkpoints are kept)."
       )
     if step % self.config.train.log_every == 0 or step == self.config.train.steps:
       now = time.perf_counter()
@@ -120,8 +125,12 @@ class StepLogger:
 
 
 # Config keys that make each model smaller, named when it does not fit in device memory.
-_SIZE_KEYS = {"gpt": "model.embed_dim, model.num_layers, model.mlp_dim or model.size", "mlp": "model.hidden",
-              "cnn": "model.features or model.dense", "resnet": "model.width or model.depth"}
+_SIZE_KEYS = {
+  "gpt": "model.embed_dim, model.num_layers, model.mlp_dim or model.size",
+  "mlp": "model.hidden",
+  "cnn": "model.features or model.dense",
+  "resnet": "model.width or model.depth",
+}
 
 
 def device_memory_bytes() -> int:
@@ -146,10 +155,11 @@ def _memory_error(run: Run, where: str) -> UserError:
   c = run.config
   params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state.params))
   return UserError(
-      f"Out of device memory {where}: the model has {params:,} parameters ({state_bytes_per_device(run) / 2**30:.2f} "
-      f"GiB of train state per device with the optimizer), train.batch_size={c.train.batch_size}, and a device has "
-      f"{device_memory_bytes() / 2**30:.1f} GiB; lower {_SIZE_KEYS.get(c.model.name, 'the model size')} or "
-      "train.batch_size, or shard the state with mesh.fsdp.")
+    f"Out of device memory {where}: the model has {params:,} parameters ({state_bytes_per_device(run) / 2**30:.2f} "
+    f"GiB of train state per device with the optimizer), train.batch_size={c.train.batch_size}, and a device has "
+    f"{device_memory_bytes() / 2**30:.1f} GiB; lower {_SIZE_KEYS.get(c.model.name, 'the model size')} or "
+    "train.batch_size, or shard the state with mesh.fsdp."
+  )
 
 
 def check_memory(run: Run) -> None:
@@ -180,8 +190,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, use_nonempty_workdir
     config, info = run.config, run.dataset.info
     target = config_lib.parse_target(config.train.target)
     if target and target[0] not in checkpoint.EVAL_METRICS[info.kind]:
-      raise ConfigError(f"train.target names {target[0]!r}, which this run never reports; use one of "
-                        f"{', '.join(checkpoint.EVAL_METRICS[info.kind])}.")
+      raise ConfigError(
+        f"train.target names {target[0]!r}, which this run never reports; use one of "
+        f"{', '.join(checkpoint.EVAL_METRICS[info.kind])}."
+      )
     workdir_lib.parse_allow_changes(config.train.allow_changes, config)
     check_memory(run)
     is_main = jax.process_index() == 0
@@ -195,8 +207,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, use_nonempty_workdir
         wd.end_segment(None, "failed")
       if isinstance(e, OSError):
         raise workdir_lib.WorkdirError(
-            f"Cannot use {e.filename or workdir}: {os_cause(e)}; free disk space or fix that path, then "
-            f"rerun the same command to resume (details in {os.path.join(workdir, LOG_FILE)})."
+          f"Cannot use {e.filename or workdir}: {os_cause(e)}; free disk space or fix that path, then "
+          f"rerun the same command to resume (details in {os.path.join(workdir, LOG_FILE)})."
         ) from e
       raise
     finally:
@@ -223,15 +235,16 @@ def _open_workdir(path: str, is_main: bool, use_nonempty: bool) -> workdir_lib.W
   return wd
 
 
-def _train(run: Run, wd: workdir_lib.Workdir, stop: stop_lib.Stop, target: tuple[str, str, float] | None,
-           is_main: bool) -> tuple[dict[str, float], bool]:
+def _train(
+  run: Run, wd: workdir_lib.Workdir, stop: stop_lib.Stop, target: tuple[str, str, float] | None, is_main: bool
+) -> tuple[dict[str, float], bool]:
   """The loop on an open workdir; returns (final metrics or {}, whether a signal stopped it)."""
   config, info, workdir = run.config, run.dataset.info, wd.path
   train_iter = run.dataset.train_iterator(
-      batch_size=config.train.batch_size // jax.process_count(),
-      seed=config.seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
+    batch_size=config.train.batch_size // jax.process_count(),
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
   )
   checkpointer = checkpoint.Checkpointer(workdir, config, dataclasses.asdict(info), dict(run.mesh.shape), stop=stop)
   ok = False
@@ -254,10 +267,17 @@ def _train(run: Run, wd: workdir_lib.Workdir, stop: stop_lib.Stop, target: tuple
     writer = metrics.MetricWriter(workdir, enabled=is_main, resume_step=start)
     if is_main:
       workdir_lib.write_config(workdir, config_lib.to_json(config))
-      metrics.write_run_info(workdir, config_json=config_lib.to_json(config), mesh_shape=dict(run.mesh.shape),
-                             argv=list(sys.argv))
-      wd.begin_segment(start, list(sys.argv), changes, processes=jax.process_count(), devices=jax.device_count(),
-                       mesh={str(k): int(v) for k, v in run.mesh.shape.items()})
+      metrics.write_run_info(
+        workdir, config_json=config_lib.to_json(config), mesh_shape=dict(run.mesh.shape), argv=list(sys.argv)
+      )
+      wd.begin_segment(
+        start,
+        list(sys.argv),
+        changes,
+        processes=jax.process_count(),
+        devices=jax.device_count(),
+        mesh={str(k): int(v) for k, v in run.mesh.shape.items()},
+      )
     if start:
       logging.info("Resuming from step %d in %s.", start, workdir)
       for key, (old, new) in changes.items():
@@ -308,8 +328,12 @@ def _train(run: Run, wd: workdir_lib.Workdir, stop: stop_lib.Stop, target: tuple
     stopped = final is None
     result = final or {}
     if stopped:
-      logging.warning("Stopped by %s at step %d: checkpoint saved in %s; run the same command to resume.",
-                      checkpointer.stop_reason, step, os.path.join(checkpointer.directory, str(step)))
+      logging.warning(
+        "Stopped by %s at step %d: checkpoint saved in %s; run the same command to resume.",
+        checkpointer.stop_reason,
+        step,
+        os.path.join(checkpointer.directory, str(step)),
+      )
     elif step > start:
       writer.write(step, "test" if info.eval_split == "test" else "eval_final", result)
     ok = True
@@ -325,8 +349,9 @@ def _train(run: Run, wd: workdir_lib.Workdir, stop: stop_lib.Stop, target: tuple
   return result, stopped
 
 
-def _evaluate(evaluator: evaluate.Evaluator, state: TrainState, stop: stop_lib.Stop,
-              final: tuple[str, bool] | None = None) -> dict[str, float] | None:
+def _evaluate(
+  evaluator: evaluate.Evaluator, state: TrainState, stop: stop_lib.Stop, final: tuple[str, bool] | None = None
+) -> dict[str, float] | None:
   """An evaluation (or the final report) that a stop signal abandons: None then."""
   previous, stop.phase = stop.phase, stop_lib.EVAL if stop.phase != stop_lib.SETUP else stop.phase
   try:

@@ -23,13 +23,24 @@ HELPERS = os.path.join(REPO, "tests", "helpers")
 THROUGHPUT = ("examples_per_s", "tokens_per_s")  # Wall-clock fields: the only ones allowed to differ.
 
 # A small MLP that trains long enough (about 2 s, 6 saves of 2.5 MB) for signals to land mid-run.
-MLP = ("mlp_digits.py:smoke", ("train.steps=120", "model.hidden=8192", "checkpoint.every=20", "checkpoint.keep=10",
-                               "train.eval_every=40", "train.log_every=10"))
+MLP = (
+  "mlp_digits.py:smoke",
+  (
+    "train.steps=120",
+    "model.hidden=8192",
+    "checkpoint.every=20",
+    "checkpoint.keep=10",
+    "train.eval_every=40",
+    "train.log_every=10",
+  ),
+)
 # BatchNorm statistics and random augmentation in the data pipeline (digits: no download needed).
 RESNET = ("resnet_cifar10.py:smoke", ("dataset.name=digits", "dataset.flip=false", "checkpoint.keep=10"))
 # Saved from 8 devices as a 4 (fsdp) x 2 (tensor) mesh; dropout exercises the per-step RNG.
-GPT = ("gpt_pydocs.py:smoke", ("mesh.fsdp=4", "mesh.tensor=2", "model.dropout=0.1", "checkpoint.every=2",
-                               "checkpoint.keep=10"))
+GPT = (
+  "gpt_pydocs.py:smoke",
+  ("mesh.fsdp=4", "mesh.tensor=2", "model.dropout=0.1", "checkpoint.every=2", "checkpoint.keep=10"),
+)
 
 
 def env(devices: int) -> dict[str, str]:
@@ -43,15 +54,31 @@ def env(devices: int) -> dict[str, str]:
 
 
 def train_command(experiment: str, workdir: str, overrides: tuple[str, ...] = ()) -> list[str]:
-  return [sys.executable, "-m", "jaxcollab.main", "train", "--config", os.path.join(REPO, "experiments", experiment),
-          "--workdir", str(workdir), *[f"--config.{o}" for o in overrides]]
+  return [
+    sys.executable,
+    "-m",
+    "jaxcollab.main",
+    "train",
+    "--config",
+    os.path.join(REPO, "experiments", experiment),
+    "--workdir",
+    str(workdir),
+    *[f"--config.{o}" for o in overrides],
+  ]
 
 
-def train(experiment: str, workdir: str, overrides: tuple[str, ...] = (), devices: int = 1,
-          expect: int = 0) -> subprocess.CompletedProcess:
+def train(
+  experiment: str, workdir: str, overrides: tuple[str, ...] = (), devices: int = 1, expect: int = 0
+) -> subprocess.CompletedProcess:
   """Runs `jaxcollab train` to its end in a fresh process and checks the exit code."""
-  out = subprocess.run(train_command(experiment, workdir, overrides), env=env(devices), capture_output=True,
-                       text=True, timeout=300, check=False)
+  out = subprocess.run(
+    train_command(experiment, workdir, overrides),
+    env=env(devices),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert out.returncode == expect, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
   return out
 
@@ -59,13 +86,19 @@ def train(experiment: str, workdir: str, overrides: tuple[str, ...] = (), device
 class Process:
   """A `jaxcollab train` process in the background whose output goes to a file."""
 
-  def __init__(self, experiment: str, workdir: str, overrides: tuple[str, ...] = (), devices: int = 1,
-               extra: tuple[str, ...] = ()):
+  def __init__(
+    self, experiment: str, workdir: str, overrides: tuple[str, ...] = (), devices: int = 1, extra: tuple[str, ...] = ()
+  ):
     self.workdir = str(workdir)
     self.log = f"{self.workdir}.{time.monotonic_ns()}.log"
     with open(self.log, "w") as f:
-      self.proc = subprocess.Popen(train_command(experiment, workdir, overrides) + list(extra), env=env(devices),
-                                   stdout=f, stderr=subprocess.STDOUT, text=True)
+      self.proc = subprocess.Popen(
+        train_command(experiment, workdir, overrides) + list(extra),
+        env=env(devices),
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
 
   def wait_until(self, condition: Callable[[], bool], timeout: float = 120, poll: float = 0.002) -> None:
     """Polls `condition` until true; fails if the process ends first or the time runs out."""

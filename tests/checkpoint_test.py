@@ -100,8 +100,13 @@ def test_inspect_text_and_json(workdir, capsys):
   assert info["step"] == 10 and info["steps"] == [5, 10, 15, 20] and info["param_count"] == 76810
   assert info["integrity"].startswith("complete")
   arrays = {a["path"]: a for a in info["arrays"]}
-  assert arrays["params/hidden/kernel"] == {"path": "params/hidden/kernel", "shape": [64, 1024], "dtype": "float32",
-                                            "count": 65536, "bytes": 262144}
+  assert arrays["params/hidden/kernel"] == {
+    "path": "params/hidden/kernel",
+    "shape": [64, 1024],
+    "dtype": "float32",
+    "count": 65536,
+    "bytes": 262144,
+  }
   assert "opt_state/0/mu/hidden/kernel" in arrays and arrays["step"]["dtype"] == "int32"
   assert info["totals"]["opt_state"]["count"] == 2 * 76810 + 2  # Adam's mu and nu, plus two counters.
   assert info["config"]["model"]["hidden"] == 1024 and info["meta"]["step"] == 10
@@ -115,13 +120,17 @@ def test_eval_a_chosen_step(workdir, capsys):
   assert result["accuracy"] == saved["accuracy"] and result["loss"] == pytest.approx(saved["loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("argv, needle", [
+@pytest.mark.parametrize(
+  "argv, needle",
+  [
     (["inspect", "{tmp}/nowhere"], "does not exist"),
     (["inspect", "{tmp}"], "holds no finished checkpoint"),
     (["eval", "--workdir", "{tmp}/empty_step/7"], "holds no finished checkpoint"),
     (["eval", "--workdir", "{run}", "--step", "7"], "Step 7 is not among the checkpoints in"),
     (["inspect", "{run}/checkpoints/10", "--step", "15"], "is step 10, not step 15"),
-], ids=["missing-path", "not-a-checkpoint", "empty-step-dir", "missing-step", "step-dir-and-step"])
+  ],
+  ids=["missing-path", "not-a-checkpoint", "empty-step-dir", "missing-step", "step-dir-and-step"],
+)
 def test_bad_paths_exit_2_with_one_sentence(workdir, tmp_path, capsys, argv, needle):
   os.makedirs(tmp_path / "empty_step" / "7")
   argv = [a.format(tmp=tmp_path, run=workdir) for a in argv]
@@ -129,13 +138,24 @@ def test_bad_paths_exit_2_with_one_sentence(workdir, tmp_path, capsys, argv, nee
   assert needle in _error_line(capsys, argv[0])
 
 
-@pytest.mark.parametrize("flag, needles", [
-    ("--config.model.hidden=512", ["shape mismatch: params/head/kernel saved (1024, 10) vs model (512, 10)",
-                                   "params/hidden/kernel saved (64, 1024) vs model (64, 512)"]),
-    ("--config.model.name=cnn", ["missing: params/conv_0/bias", "params/conv_0/kernel",
-                                 "unexpected: params/hidden/bias"]),
+@pytest.mark.parametrize(
+  "flag, needles",
+  [
+    (
+      "--config.model.hidden=512",
+      [
+        "shape mismatch: params/head/kernel saved (1024, 10) vs model (512, 10)",
+        "params/hidden/kernel saved (64, 1024) vs model (64, 512)",
+      ],
+    ),
+    (
+      "--config.model.name=cnn",
+      ["missing: params/conv_0/bias", "params/conv_0/kernel", "unexpected: params/hidden/bias"],
+    ),
     ("--config.optimizer.name=sgd", ["missing: opt_state/0/trace/head/bias", "unexpected: opt_state/0/count"]),
-], ids=["width", "another-model", "another-optimizer"])
+  ],
+  ids=["width", "another-model", "another-optimizer"],
+)
 def test_resuming_into_another_structure_fails_and_keeps_the_steps(copy, capsys, flag, needles):
   # The config check on resume refuses these first (tests/faults_test.py); allowed, the shapes still must fit.
   assert _train(copy, flag, "--config.train.allow_changes=model.*,optimizer.*") == 2
@@ -153,11 +173,19 @@ def _params(config: config_lib.ConfigDict):
   return nn.unbox(run_lib.init_variables(models.build(config, info), info, 0))["params"]
 
 
-@pytest.mark.parametrize("change, missing, unexpected, mismatched", [
-    (("model.hidden=16",), [], [], ["params/head/kernel saved (1024, 10) vs model (16, 10)",
-                                    "params/hidden/bias saved (1024,) vs model (16,)"]),
+@pytest.mark.parametrize(
+  "change, missing, unexpected, mismatched",
+  [
+    (
+      ("model.hidden=16",),
+      [],
+      [],
+      ["params/head/kernel saved (1024, 10) vs model (16, 10)", "params/hidden/bias saved (1024,) vs model (16,)"],
+    ),
     (("model.name=cnn", "model.features=(4,)"), ["params/conv_0/bias"], ["params/hidden/bias"], []),
-], ids=["width", "depth"])
+  ],
+  ids=["width", "depth"],
+)
 def test_structure_check_names_every_path(change, missing, unexpected, mismatched):
   base = config_lib.load_experiment(SMOKE)
   saved = jax.eval_shape(lambda: {"params": _params(base)})
@@ -205,9 +233,12 @@ def test_init_from_a_run_starts_from_its_parameters(workdir, tmp_path, caplog):
 def _corrupt(step_dir: str, kind: str) -> str:
   """Damages one file of a step the way disks and people do; returns its path relative to the step."""
   data = os.path.join("state", "ocdbt.process_0", "d")
-  biggest = max(os.listdir(os.path.join(step_dir, data)), key=lambda f: os.path.getsize(os.path.join(step_dir, data, f)))
+  biggest = max(
+    os.listdir(os.path.join(step_dir, data)), key=lambda f: os.path.getsize(os.path.join(step_dir, data, f))
+  )
   rel = {"meta": os.path.join("meta", "metadata"), "iterator": os.path.join("data", "process_0-of-1.json")}.get(
-      kind, os.path.join(data, biggest))
+    kind, os.path.join(data, biggest)
+  )
   path = os.path.join(step_dir, rel)
   size = os.path.getsize(path)
   if kind == "truncate":
@@ -239,8 +270,11 @@ def test_fallback_moves_the_damaged_step_aside_and_redoes_it_exactly(workdir, co
   _corrupt(os.path.join(runs.checkpoints(copy), "20"), "garbage")
   with caplog.at_level(logging.WARNING):
     assert _train(copy, "--config.checkpoint.fallback=true") == 0
-  assert re.search(r"step 20 .* is damaged: .*; moved it to .*/20\.corrupt and falling back to step 15 "
-                   r"\(checkpoint\.fallback=true\)\.", caplog.text)
+  assert re.search(
+    r"step 20 .* is damaged: .*; moved it to .*/20\.corrupt and falling back to step 15 "
+    r"\(checkpoint\.fallback=true\)\.",
+    caplog.text,
+  )
   assert "20.corrupt" in runs.entries(copy)
   runs.assert_same_arrays(runs.read_state(copy, 20), runs.read_state(workdir, 20))
   assert runs.rows(copy) == runs.rows(workdir)
@@ -297,8 +331,12 @@ def test_failed_background_write_is_reported(monkeypatch, tmp_path, capsys, wher
 
 def test_best_step_is_kept_besides_the_latest(tmp_path, capsys):
   # Loss falls, so "best" by max loss is the first eval step: kept although keep=1.
-  flags = ("--config.checkpoint.keep=1", "--config.train.eval_every=5", "--config.checkpoint.best_metric=loss",
-           "--config.checkpoint.best_mode=max")
+  flags = (
+    "--config.checkpoint.keep=1",
+    "--config.train.eval_every=5",
+    "--config.checkpoint.best_metric=loss",
+    "--config.checkpoint.best_mode=max",
+  )
   assert _train(tmp_path / "run", *flags) == 0
   assert checkpoint.finished_steps(runs.checkpoints(tmp_path / "run")) == (5, 20)
   assert "" == "".join(e for e in runs.entries(tmp_path / "run") if not e.isdigit())  # Trash emptied.
@@ -318,7 +356,7 @@ def test_leftover_temporary_directories_are_ignored_then_deleted(copy):
 def _readme_snippet() -> str:
   with open(os.path.join(runs.REPO, "README.md")) as f:
     text = f.read()
-  section = text[text.index("### Reading a checkpoint without jaxcollab"):]
+  section = text[text.index("### Reading a checkpoint without jaxcollab") :]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -337,23 +375,38 @@ types = sorted({type(x).__name__ for x in jax.tree.leaves(state)})
 print(json.dumps({"model": config["model"]["name"], "devices": jax.device_count(), "types": types}))
 """
   code = code.replace(placeholder, repr(step_dir)) + check.replace("OUT", repr(str(out_file)))
-  out = subprocess.run([sys.executable, "-c", code], env=runs.env(1), capture_output=True, text=True, timeout=120,
-                       check=False, cwd=str(tmp_path))
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    env=runs.env(1),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+    cwd=str(tmp_path),
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert json.loads(out.stdout.strip().splitlines()[-1]) == {"model": "mlp", "devices": 1, "types": ["ndarray"]}
   loaded = dict(np.load(out_file))
   _, variables, _ = jaxcollab.load(step_dir)
-  expected = {jax.tree_util.keystr(p): np.asarray(x)
-              for p, x in jax.tree_util.tree_flatten_with_path(variables["params"])[0]}
+  expected = {
+    jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+  }
   assert loaded.keys() == expected.keys()
   for k in expected:
     assert np.array_equal(loaded[k], expected[k]), k
 
 
 def test_real_process_bad_path_exits_2_with_one_line(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "jaxcollab.main", "inspect", str(tmp_path / "nowhere")],
-                       env=runs.env(1), capture_output=True, text=True, timeout=120, check=False)
+  out = subprocess.run(
+    [sys.executable, "-m", "jaxcollab.main", "inspect", str(tmp_path / "nowhere")],
+    env=runs.env(1),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert out.returncode == 2 and out.stdout == ""
   assert out.stderr.strip().splitlines() == [
-      f"jaxcollab inspect: error: Checkpoint path {str(tmp_path / 'nowhere')!r} does not exist; pass a workdir, its "
-      "checkpoints/ directory or one step directory."]
+    f"jaxcollab inspect: error: Checkpoint path {str(tmp_path / 'nowhere')!r} does not exist; pass a workdir, its "
+    "checkpoints/ directory or one step directory."
+  ]

@@ -8,8 +8,11 @@ from jaxcollab import config as config_lib
 from jaxcollab import run as run_lib
 from jaxcollab.errors import UserError
 
-EXPERIMENTS = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "experiments"))
-                     if f.endswith(".py") and not f.startswith("_"))
+EXPERIMENTS = sorted(
+  f[:-3]
+  for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "experiments"))
+  if f.endswith(".py") and not f.startswith("_")
+)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -30,9 +33,17 @@ def test_experiment_docstring_has_command_and_expectation(name):
 
 
 def test_overrides_are_typed():
-  c = config_lib.apply_overrides(config_lib.defaults(), [
-      "optimizer.learning_rate=3e-4", "train.steps=7", "model.features=(8,16)", "dataset.augment=true",
-      "model.activation=gelu", "optimizer.learning_rate=1"])
+  c = config_lib.apply_overrides(
+    config_lib.defaults(),
+    [
+      "optimizer.learning_rate=3e-4",
+      "train.steps=7",
+      "model.features=(8,16)",
+      "dataset.augment=true",
+      "model.activation=gelu",
+      "optimizer.learning_rate=1",
+    ],
+  )
   assert c.optimizer.learning_rate == 1.0 and isinstance(c.optimizer.learning_rate, float)
   assert c.train.steps == 7 and c.model.features == (8, 16) and c.dataset.augment is True
   assert c.model.activation == "gelu"
@@ -44,20 +55,25 @@ def test_json_round_trip():
   assert back.to_dict() == config_lib.validate(c).to_dict()
 
 
-@pytest.mark.parametrize("override, needle", [
+@pytest.mark.parametrize(
+  "override, needle",
+  [
     ("optimizer.learnin_rate=0.1", "did you mean 'optimizer.learning_rate'"),
     ("train.steps=ten", "'train.steps' must be int"),
     ("train.steps=1.5", "'train.steps' must be int"),
     ("dataset.augment=maybe", "true or false"),
     ("train.steps", "has no value"),
-])
+  ],
+)
 def test_bad_overrides(override, needle):
   with pytest.raises(UserError, match=None) as e:
     config_lib.apply_overrides(config_lib.defaults(), [override])
   assert needle in str(e.value)
 
 
-@pytest.mark.parametrize("override, needle", [
+@pytest.mark.parametrize(
+  "override, needle",
+  [
     ("optimizer.learning_rate=0", "optimizer.learning_rate must be a positive number"),
     ("optimizer.learning_rate=-1e-3", "optimizer.learning_rate must be a positive number"),
     ("train.steps=0", "train.steps must be a positive integer"),
@@ -71,7 +87,8 @@ def test_bad_overrides(override, needle):
     ("loss.name=next_token", "next_token' is for the gpt model"),
     ("train.target=accuracy is high", "is not of the form"),
     ("model.dropout=0.1", "Model 'mlp' does not read model.dropout; its keys are model.name, model.activation"),
-])
+  ],
+)
 def test_impossible_values(override, needle):
   c = config_lib.apply_overrides(config_lib.load_experiment("mlp_digits"), [override])
   with pytest.raises(UserError) as e:
@@ -100,7 +117,9 @@ def test_experiment_file_errors(tmp_path):
   with pytest.raises(UserError, match="has no get_config"):
     config_lib.load_experiment(str(empty))
   typo = tmp_path / "typo.py"
-  typo.write_text("from jaxcollab import config\ndef get_config():\n  c = config.defaults()\n  c.train.step = 3\n  return c\n")
+  typo.write_text(
+    "from jaxcollab import config\ndef get_config():\n  c = config.defaults()\n  c.train.step = 3\n  return c\n"
+  )
   with pytest.raises(UserError, match="did you mean 'train.steps'"):
     config_lib.load_experiment(str(typo))
   with pytest.raises(UserError, match="has no variant 'big'"):

@@ -12,17 +12,33 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Module -> layer, bottom first (DESIGN.md draws them). A module may import only lower layers, and
 # a package's own submodules (data.*, models.*) may import each other.
 LAYERS = {
-    "errors": 0,
-    "config": 1, "pytree": 1, "runtime": 1, "records": 1, "stop": 1,
-    "data": 2, "models": 2, "losses": 2, "optim": 2, "sharding": 2, "checkpoint": 2, "metrics": 2, "workdir": 2,
-    "plots": 3, "bundle": 3,
-    "run": 4,
-    "reload": 5,
-    "evaluate": 6, "infer": 6, "export": 6, "probe": 6,
-    "train": 7, "compare": 7,
-    "seeds": 8,  # Vmaps train's step.
-    "sweep": 9,  # Runs seeds or train, names cells as compare names groups.
-    "main": 10,
+  "errors": 0,
+  "config": 1,
+  "pytree": 1,
+  "runtime": 1,
+  "records": 1,
+  "stop": 1,
+  "data": 2,
+  "models": 2,
+  "losses": 2,
+  "optim": 2,
+  "sharding": 2,
+  "checkpoint": 2,
+  "metrics": 2,
+  "workdir": 2,
+  "plots": 3,
+  "bundle": 3,
+  "run": 4,
+  "reload": 5,
+  "evaluate": 6,
+  "infer": 6,
+  "export": 6,
+  "probe": 6,
+  "train": 7,
+  "compare": 7,
+  "seeds": 8,  # Vmaps train's step.
+  "sweep": 9,  # Runs seeds or train, names cells as compare names groups.
+  "main": 10,
 }
 # Imports inside functions, each for a reason the module states: jax must not start before the CLI
 # has checked the config and set XLA_FLAGS; the package's names load lazily.
@@ -87,11 +103,28 @@ def test_importing_the_cli_does_not_start_jax():
 
 def test_load_imports_no_training_stack(tmp_path):
   workdir = str(tmp_path / "w")
-  subprocess.run([sys.executable, "-m", "jaxcollab.main", "train", "--config", "mlp_digits:smoke", "--workdir", workdir,
-                  "--config.train.steps=2", "--config.train.eval_every=2", "--config.checkpoint.every=2"],
-                 capture_output=True, text=True, check=True)
-  code = ("import sys, jaxcollab; model, variables, config = jaxcollab.load(sys.argv[1]); "
-          "print(type(model).__name__, sorted(m for m in sys.modules if m.split('.')[0] in "
-          "('matplotlib', 'tensorboardX') or m in ('jaxcollab.train', 'jaxcollab.evaluate')))")
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxcollab.main",
+      "train",
+      "--config",
+      "mlp_digits:smoke",
+      "--workdir",
+      workdir,
+      "--config.train.steps=2",
+      "--config.train.eval_every=2",
+      "--config.checkpoint.every=2",
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  code = (
+    "import sys, jaxcollab; model, variables, config = jaxcollab.load(sys.argv[1]); "
+    "print(type(model).__name__, sorted(m for m in sys.modules if m.split('.')[0] in "
+    "('matplotlib', 'tensorboardX') or m in ('jaxcollab.train', 'jaxcollab.evaluate')))"
+  )
   out = subprocess.run([sys.executable, "-c", code, workdir], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "MLP []"

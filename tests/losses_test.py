@@ -47,8 +47,9 @@ def test_mse_is_keras_mean_squared_error_on_probabilities(data):
 def test_label_smoothing_zero_is_cross_entropy(data):
   logits, labels = data
   batch = {"label": jnp.asarray(labels)}
-  np.testing.assert_allclose(losses.label_smoothing(0.0)(jnp.asarray(logits), batch),
-                             losses.cross_entropy(jnp.asarray(logits), batch), rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.label_smoothing(0.0)(jnp.asarray(logits), batch), losses.cross_entropy(jnp.asarray(logits), batch), rtol=1e-6
+  )
 
 
 def test_label_smoothing_matches_smoothed_targets(data):

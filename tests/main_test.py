@@ -9,7 +9,9 @@ import pytest
 from jaxcollab import main
 
 
-@pytest.mark.parametrize("extra, needle", [
+@pytest.mark.parametrize(
+  "extra, needle",
+  [
     (["--config.optimizer.learnin_rate=0.1"], "did you mean 'optimizer.learning_rate'"),
     (["--config.train.steps=abc"], "'train.steps' must be int"),
     (["--config.optimizer.learning_rate=-1"], "optimizer.learning_rate must be a positive number"),
@@ -19,7 +21,8 @@ from jaxcollab import main
     (["--config.optimizer.name=lamb"], "Unknown optimizer.name 'lamb'"),
     (["--config.dataset.name=mnistt"], "did you mean 'mnist'"),
     (["--config.model.name=resnet", "--config.train.batch_size=7"], "not divisible by mesh data"),
-])
+  ],
+)
 def test_bad_config_exits_2(tmp_path, capsys, extra, needle):
   code = main.main(["train", "--config", "mlp_digits:smoke", "--workdir", str(tmp_path / "w"), *extra])
   err = capsys.readouterr().err
@@ -55,10 +58,24 @@ def test_help_for_every_subcommand(capsys):
 def test_real_process_prints_one_sentence(tmp_path):
   """The installed console script, as a user runs it: exit 2 and a single line, no traceback."""
   out = subprocess.run(
-      [sys.executable, "-m", "jaxcollab.main", "train", "--config", "experiments/mlp_digits.py",
-       "--workdir", str(tmp_path), "--config.train.stpes=10"],
-      capture_output=True, text=True, timeout=120, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    [
+      sys.executable,
+      "-m",
+      "jaxcollab.main",
+      "train",
+      "--config",
+      "experiments/mlp_digits.py",
+      "--workdir",
+      str(tmp_path),
+      "--config.train.stpes=10",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=os.path.join(os.path.dirname(__file__), ".."),
+  )
   assert out.returncode == 2, out.stderr
   lines = [l for l in out.stderr.splitlines() if l.strip()]
-  assert lines == ["jaxcollab train: error: Unknown config key 'train.stpes' on the command line; "
-                   "did you mean 'train.steps'?"], out.stderr
+  assert lines == [
+    "jaxcollab train: error: Unknown config key 'train.stpes' on the command line; did you mean 'train.steps'?"
+  ], out.stderr

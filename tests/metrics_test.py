@@ -23,9 +23,9 @@ def _events(logdir: str) -> list[event_pb2.Event]:
       data = f.read()
     pos = 0
     while pos < len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
       pos += 12
-      events.append(event_pb2.Event.FromString(data[pos:pos + length]))
+      events.append(event_pb2.Event.FromString(data[pos : pos + length]))
       pos += length + 4
   return events
 
@@ -51,9 +51,15 @@ def test_rows_round_trip_exactly(tmp_path):
   writer.close()
   rows = records.read_metrics(str(tmp_path))
   assert rows == [
-      {"step": 7, "split": "train", "loss": 0.1 + 0.2, "accuracy": 1 / 3, "grad_norm": float(np.float32(1.1)),
-       "tiny": 5e-324},
-      {"step": 8, "split": "eval", "loss": 2.0 / 3},
+    {
+      "step": 7,
+      "split": "train",
+      "loss": 0.1 + 0.2,
+      "accuracy": 1 / 3,
+      "grad_norm": float(np.float32(1.1)),
+      "tiny": 5e-324,
+    },
+    {"step": 8, "split": "eval", "loss": 2.0 / 3},
   ]
   assert all(type(v) is float for k, v in rows[0].items() if k not in ("step", "split"))
 
@@ -128,8 +134,12 @@ def test_read_metrics_missing_file(tmp_path):
 
 def test_run_info(tmp_path):
   config_json = json.dumps({"seed": 0})
-  metrics.write_run_info(str(tmp_path), config_json=config_json, mesh_shape={"data": 8, "fsdp": 1},
-                         argv=["jaxcollab", "train", "--workdir", "x"])
+  metrics.write_run_info(
+    str(tmp_path),
+    config_json=config_json,
+    mesh_shape={"data": 8, "fsdp": 1},
+    argv=["jaxcollab", "train", "--workdir", "x"],
+  )
   with open(tmp_path / "run.json") as f:
     info = json.load(f)
   for key in ("jaxcollab", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "python"):
@@ -161,13 +171,15 @@ def _labels_from_counts(confusion):
 
 def test_classification_report_matches_sklearn():
   # Class 3 is never predicted and class 4 never occurs: both exercise zero division.
-  confusion = np.array([
+  confusion = np.array(
+    [
       [5, 1, 0, 2, 0],
       [0, 7, 3, 0, 1],
       [2, 0, 4, 0, 0],
       [1, 1, 1, 0, 0],
       [0, 0, 0, 0, 0],
-  ])
+    ]
+  )
   confusion[3, 3] = 0
   true, pred = _labels_from_counts(confusion)
   labels = list(range(5))
@@ -180,7 +192,8 @@ def test_classification_report_matches_sklearn():
   assert [c["class"] for c in report["per_class"]] == list("abcde")
   assert report["accuracy"] == pytest.approx(sklearn.metrics.accuracy_score(true, pred))
   assert report["macro_f1"] == pytest.approx(
-      sklearn.metrics.f1_score(true, pred, labels=labels, average="macro", zero_division=0))
+    sklearn.metrics.f1_score(true, pred, labels=labels, average="macro", zero_division=0)
+  )
   np.testing.assert_array_equal(sklearn.metrics.confusion_matrix(true, pred, labels=labels), confusion)
 
 
@@ -210,8 +223,9 @@ def _assert_png(path, min_bytes=5_000):
 
 def test_plot_confusion_writes_png(tmp_path):
   path = tmp_path / "plots" / "confusion.png"
-  plots.plot_confusion(np.array([[50, 2, 1], [3, 40, 7], [0, 5, 44]]), str(path), class_names=["a", "b", "c"],
-                         title="digits")
+  plots.plot_confusion(
+    np.array([[50, 2, 1], [3, 40, 7], [0, 5, 44]]), str(path), class_names=["a", "b", "c"], title="digits"
+  )
   _assert_png(path)
 
 
@@ -238,9 +252,9 @@ def test_progress_prints_plain_lines_at_every_step_and_last(capsys):
   progress.close()
   lines = capsys.readouterr().err.splitlines()
   assert [line.split(" | ")[0] for line in lines] == [
-      "step 50/120 (41%) loss 0.0200",
-      "step 100/120 (83%) loss 0.0100",
-      "step 120/120 (100%) loss 0.0083",
+    "step 50/120 (41%) loss 0.0200",
+    "step 100/120 (83%) loss 0.0100",
+    "step 120/120 (100%) loss 0.0083",
   ]
   for line in lines:
     _, rate, eta = line.split(" | ")

@@ -26,8 +26,15 @@ EXPERIMENT = os.path.join(ROOT, "experiments", "gpt_pydocs.py") + ":smoke"
 # fsdp=4 x tensor=2 spans both processes on both axes: parameters, optimizer state and the
 # batch are all split across hosts. A constant schedule, so a longer reference run has the same
 # learning rates at the shared steps.
-OVERRIDES = ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "optimizer.schedule=constant", "train.log_every=1",
-             "train.eval_every=3", "checkpoint.every=3"]
+OVERRIDES = [
+  "mesh.data=1",
+  "mesh.fsdp=4",
+  "mesh.tensor=2",
+  "optimizer.schedule=constant",
+  "train.log_every=1",
+  "train.eval_every=3",
+  "checkpoint.every=3",
+]
 
 
 def free_port() -> int:
@@ -38,14 +45,20 @@ def free_port() -> int:
 
 def env(devices: int) -> dict[str, str]:
   # PYTHONFAULTHANDLER: a process stopped with SIGABRT after a timeout prints where it hung.
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAXCOLLAB_CACHE": "",
-          "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+  return {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "JAXCOLLAB_CACHE": "",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONFAULTHANDLER": "1",
+  }
 
 
 def start(args: list[str], devices: int, log: str) -> subprocess.Popen:
   with open(log, "w") as f:
-    return subprocess.Popen([sys.executable, "-m", "jaxcollab.main", *args], env=env(devices), cwd=ROOT,
-                            stdout=f, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+      [sys.executable, "-m", "jaxcollab.main", *args], env=env(devices), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT
+    )
 
 
 def finish(procs: list[subprocess.Popen], logs: list[str], timeout: float) -> list[int]:
@@ -75,9 +88,21 @@ def losses(rows_: list[dict], split: str = "train") -> dict[int, float]:
 def test_two_processes_train_like_one_and_a_single_device_process_reads_the_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   port = free_port()
-  flags = ["train", "--config", EXPERIMENT, *(f"--config.{o}" for o in OVERRIDES), "--config.train.steps=6",
-           "--workdir", workdir, "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
-           "--init_timeout", "120"]
+  flags = [
+    "train",
+    "--config",
+    EXPERIMENT,
+    *(f"--config.{o}" for o in OVERRIDES),
+    "--config.train.steps=6",
+    "--workdir",
+    workdir,
+    "--coordinator_address",
+    f"127.0.0.1:{port}",
+    "--num_processes",
+    "2",
+    "--init_timeout",
+    "120",
+  ]
   logs = [str(tmp_path / f"process_{i}.log") for i in range(2)]
   procs = [start(flags + ["--process_id", str(i)], 4, logs[i]) for i in range(2)]
 
@@ -105,10 +130,16 @@ def test_two_processes_train_like_one_and_a_single_device_process_reads_the_chec
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
 
   # A third process with one device restores step 6, written by both processes, and evaluates it.
-  out = subprocess.run([sys.executable, "-m", "jaxcollab.main", "eval", "--workdir", workdir], env=env(1), cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+  out = subprocess.run(
+    [sys.executable, "-m", "jaxcollab.main", "eval", "--workdir", workdir],
+    env=env(1),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout[out.stdout.index("{"):])
+  result = json.loads(out.stdout[out.stdout.index("{") :])
   np.testing.assert_allclose(result["loss"], losses(got, "eval")[6], rtol=1e-5)
 
 
@@ -118,9 +149,27 @@ def test_unreachable_coordinator_and_missing_peer_exit_2_with_a_sentence(tmp_pat
   procs, logs = [], []
   for process_id in (1, 0):
     logs.append(str(tmp_path / f"process_{process_id}.log"))
-    procs.append(start(["train", "--config", EXPERIMENT, "--workdir", str(tmp_path / f"w{process_id}"),
-                        "--coordinator_address", f"127.0.0.1:{free_port()}", "--num_processes", "2",
-                        "--process_id", str(process_id), "--init_timeout", "5"], 4, logs[-1]))
+    procs.append(
+      start(
+        [
+          "train",
+          "--config",
+          EXPERIMENT,
+          "--workdir",
+          str(tmp_path / f"w{process_id}"),
+          "--coordinator_address",
+          f"127.0.0.1:{free_port()}",
+          "--num_processes",
+          "2",
+          "--process_id",
+          str(process_id),
+          "--init_timeout",
+          "5",
+        ],
+        4,
+        logs[-1],
+      )
+    )
   began = time.monotonic()
   assert finish(procs, logs, timeout=60) == [2, 2], [open(log).read()[-2000:] for log in logs]
   assert time.monotonic() - began < 30
@@ -135,20 +184,43 @@ def test_processes_with_different_configs_stop_with_a_sentence(tmp_path):
   # A different override on one host would otherwise train two programs that hang on each other.
   port, workdir = free_port(), str(tmp_path / "run")
   logs = [str(tmp_path / f"process_{i}.log") for i in range(2)]
-  procs = [start(["train", "--config", EXPERIMENT, "--workdir", workdir, f"--config.seed={i}",
-                  "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i),
-                  "--init_timeout", "60"], 4, logs[i]) for i in range(2)]
+  procs = [
+    start(
+      [
+        "train",
+        "--config",
+        EXPERIMENT,
+        "--workdir",
+        workdir,
+        f"--config.seed={i}",
+        "--coordinator_address",
+        f"127.0.0.1:{port}",
+        "--num_processes",
+        "2",
+        "--process_id",
+        str(i),
+        "--init_timeout",
+        "60",
+      ],
+      4,
+      logs[i],
+    )
+    for i in range(2)
+  ]
   assert finish(procs, logs, timeout=120) == [2, 2], [open(log).read()[-2000:] for log in logs]
   for log in logs:
     assert "The config differs between process 0 and process(es) [1]" in open(log).read()
 
 
-@pytest.mark.parametrize("flags, message", [
+@pytest.mark.parametrize(
+  "flags, message",
+  [
     (["--num_processes", "2", "--process_id", "2"], "--process_id=2 is out of range for --num_processes=2"),
     (["--num_processes", "2", "--process_id", "-1"], "--process_id=-1 is out of range"),
     (["--num_processes", "0", "--process_id", "0"], "--num_processes must be >= 1"),
     (["--coordinator_address", "localhost", "--num_processes", "2", "--process_id", "1"], "must be HOST:PORT"),
-])
+  ],
+)
 def test_bad_process_flags_exit_2_before_joining(flags, message, tmp_path, capsys, monkeypatch):
   monkeypatch.setenv("JAXCOLLAB_CACHE", "")  # main() would otherwise turn on the persistent cache here.
   monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"])  # ... and append to XLA_FLAGS; put it back after.

@@ -98,8 +98,11 @@ def test_grad_clipping_caps_the_global_norm():
 def test_sgd_plain_momentum_and_nesterov():
   params, grads = {"w": jnp.ones((2,))}, {"w": jnp.asarray([1.0, -2.0])}
   second_updates = {}
-  for label, overrides in {"plain": {"momentum": 0.0}, "momentum": {"momentum": 0.9},
-                           "nesterov": {"momentum": 0.9, "nesterov": True}}.items():
+  for label, overrides in {
+    "plain": {"momentum": 0.0},
+    "momentum": {"momentum": 0.9},
+    "nesterov": {"momentum": 0.9, "nesterov": True},
+  }.items():
     tx, _ = optim.make_optimizer(_sgd(learning_rate=0.1, **overrides), total_steps=10)
     p1, state = _step(tx, params, grads)
     p2, _ = _step(tx, p1, grads, state)
@@ -139,8 +142,12 @@ def test_accumulation_clips_the_mean_gradient():
 
 
 def test_jit_matches_eager():
-  tx, _ = optim.make_optimizer(_config(name="adamw", weight_decay=0.1, schedule="warmup_cosine", warmup_steps=2,
-                                       grad_clip=1.0, accumulate_steps=2), total_steps=10)
+  tx, _ = optim.make_optimizer(
+    _config(
+      name="adamw", weight_decay=0.1, schedule="warmup_cosine", warmup_steps=2, grad_clip=1.0, accumulate_steps=2
+    ),
+    total_steps=10,
+  )
   params = _params()
   grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3), params)
   eager, _ = _step(tx, params, grads)
@@ -148,10 +155,13 @@ def test_jit_matches_eager():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), eager, jitted)
 
 
-@pytest.mark.parametrize("key,value,match", [
+@pytest.mark.parametrize(
+  "key,value,match",
+  [
     ("name", "lamb", "Unknown optimizer.name 'lamb'"),
     ("schedule", "linear", "Unknown optimizer.schedule 'linear'"),
-])
+  ],
+)
 def test_unknown_names_raise_user_error(key, value, match):
   with pytest.raises(UserError, match=match):
     optim.make_optimizer(_config(**{key: value}), total_steps=10)

@@ -23,11 +23,15 @@ from jaxcollab import checkpoint, reload
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("run, devices, step", [
+@pytest.mark.parametrize(
+  "run, devices, step",
+  [
     (runs.MLP, 1, 60),  # After an eval at 40, before the next at 80.
     (runs.RESNET, 1, 3),  # Right after an eval; BatchNorm statistics and augmentation.
     (runs.GPT, 8, 2),  # Before any eval, from a 4x2 mesh on 8 devices; dropout.
-], ids=["mlp", "resnet", "gpt"])
+  ],
+  ids=["mlp", "resnet", "gpt"],
+)
 def test_resume_equals_uninterrupted(tmp_path_factory, tmp_path, run, devices, step):
   reference = runs.reference(tmp_path_factory, run, devices)
   resumed = str(tmp_path / "resumed")
@@ -53,8 +57,9 @@ def test_same_config_and_seed_is_bitwise_reproducible(tmp_path_factory, tmp_path
 def _stopped_at(output: str, name: str) -> int:
   lines = [line for line in output.splitlines() if "Stopped by" in line]
   assert len(lines) == 1, output[-3000:]
-  match = re.search(rf"Stopped by {name} at step (\d+): checkpoint saved in .*; run the same command to resume\.$",
-                    lines[0])
+  match = re.search(
+    rf"Stopped by {name} at step (\d+): checkpoint saved in .*; run the same command to resume\.$", lines[0]
+  )
   assert match, lines[0]
   return int(match.group(1))
 
@@ -99,9 +104,9 @@ def test_sigkill_at_any_moment_loses_no_finished_step(tmp_path_factory, tmp_path
   workdir = str(tmp_path / "run")
   tmp_steps = lambda: [int(e.split(".")[0]) for e in runs.temporary(workdir)]
   kills = [
-      lambda: bool(tmp_steps()),  # While its first checkpoint is being written.
-      lambda: any(s >= 60 for s in tmp_steps()),  # While a later one is written, with finished ones around.
-      lambda: any(s >= 100 for s in _finished(workdir)),  # Right after a save became visible.
+    lambda: bool(tmp_steps()),  # While its first checkpoint is being written.
+    lambda: any(s >= 60 for s in tmp_steps()),  # While a later one is written, with finished ones around.
+    lambda: any(s >= 100 for s in _finished(workdir)),  # Right after a save became visible.
   ]
   killed_mid_save = 0
   finished_before: list[int] = []
@@ -127,9 +132,16 @@ def test_sigkill_at_any_moment_loses_no_finished_step(tmp_path_factory, tmp_path
 
 def _two_processes(workdir: str, port: int) -> list[runs.Process]:
   """The MLP run as 2 processes x 4 devices on 127.0.0.1 (data parallel over all 8)."""
-  return [runs.Process(runs.MLP[0], workdir, runs.MLP[1], devices=4, extra=(
-      "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)))
-          for i in range(2)]
+  return [
+    runs.Process(
+      runs.MLP[0],
+      workdir,
+      runs.MLP[1],
+      devices=4,
+      extra=("--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)),
+    )
+    for i in range(2)
+  ]
 
 
 def _free_port() -> int:
@@ -163,9 +175,14 @@ def _flat(tree) -> dict[str, np.ndarray]:
 def test_8_devices_to_1_and_1_to_8(tmp_path_factory, tmp_path):
   # Saved on 8 devices (fsdp 4 x tensor 2): loads in a 1-device process, bitwise.
   gpt = runs.reference(tmp_path_factory, runs.GPT, devices=8)
-  out = subprocess.run([sys.executable, os.path.join(runs.HELPERS, "load_checkpoint.py"), gpt, "4",
-                        str(tmp_path / "gpt.npz")], env=runs.env(1), capture_output=True, text=True, timeout=120,
-                       check=False)
+  out = subprocess.run(
+    [sys.executable, os.path.join(runs.HELPERS, "load_checkpoint.py"), gpt, "4", str(tmp_path / "gpt.npz")],
+    env=runs.env(1),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report == {"devices": 1, "on": ["cpu:0"], "model": "gpt", "finite": True}

@@ -61,10 +61,16 @@ def test_compile_counter_sees_a_compilation():
 # --- Meshes ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sizes, expected", [
-    ((-1, 1, 1), (8, 1, 1)), ((1, -1, 1), (1, 8, 1)), ((2, 2, -1), (2, 2, 2)), ((-1, 2, 2), (2, 2, 2)),
+@pytest.mark.parametrize(
+  "sizes, expected",
+  [
+    ((-1, 1, 1), (8, 1, 1)),
+    ((1, -1, 1), (1, 8, 1)),
+    ((2, 2, -1), (2, 2, 2)),
+    ((-1, 2, 2), (2, 2, 2)),
     ((1, 4, 2), (1, 4, 2)),
-])
+  ],
+)
 def test_mesh_fills_minus_one_and_uses_every_device(sizes, expected):
   mesh = sharding.make_mesh(mesh_config(*sizes))
   assert mesh.axis_names == ("data", "fsdp", "tensor")
@@ -78,14 +84,17 @@ def test_mesh_on_chosen_devices():
   assert {d.id for d in mesh.devices.flat} == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("sizes, message", [
+@pytest.mark.parametrize(
+  "sizes, message",
+  [
     ((3, 1, 1), r"mesh.data\*mesh.fsdp\*mesh.tensor = 3 but there are 8 devices"),
     ((4, 4, 1), r"= 16 but there are 8 devices"),
     ((-1, -1, 1), "Only one of mesh.data/fsdp/tensor may be -1, got -1 for data, fsdp"),
     ((3, -1, 1), "multiply to 3, which does not divide the 8 devices"),
     ((0, 8, 1), "mesh.data must be a positive size or -1"),
     ((1, 1, -2), "mesh.tensor must be a positive size or -1"),
-])
+  ],
+)
 def test_impossible_mesh_is_one_sentence(sizes, message):
   with pytest.raises(UserError, match=message) as e:
     sharding.make_mesh(mesh_config(*sizes))
@@ -120,23 +129,48 @@ def test_process_shards_concatenate_to_the_one_process_batch():
 # --- Impossible layouts fail in run_lib.build, before anything compiles ---------------------------
 
 
-@pytest.mark.parametrize("name, overrides, message", [
+@pytest.mark.parametrize(
+  "name, overrides, message",
+  [
     ("gpt_pydocs", ["mesh.data=3"], r"mesh.data\*mesh.fsdp\*mesh.tensor = 3 but there are 8 devices"),
     ("gpt_pydocs", ["mesh.data=-1", "mesh.tensor=-1"], "Only one of mesh.data/fsdp/tensor may be -1"),
-    ("gpt_pydocs", ["mesh.data=8", "train.batch_size=12"], r"train.batch_size=12 is not divisible by mesh data\*fsdp=8"),
-    ("gpt_pydocs", ["mesh.data=2", "mesh.fsdp=4", "train.batch_size=8", "train.eval_batch_size=20"],
-     r"train.eval_batch_size=20 is not divisible by mesh data\*fsdp=8"),
-    ("gpt_pydocs", ["mesh.data=2", "mesh.tensor=4"],  # smoke: 2 heads
-     r"'heads' axis \(model.num_heads\), which mesh.tensor=4 cannot split evenly"),
-    ("gpt_pydocs", ["mesh.data=1", "mesh.tensor=8", "model.num_heads=8", "model.mlp_dim=100"],
-     r"size 100 on its 'mlp' axis \(model.mlp_dim\), which mesh.tensor=8"),
-    ("gpt_pydocs", ["mesh.data=1", "mesh.fsdp=8", "model.embed_dim=36", "model.num_heads=2"],
-     r"size 36 on its 'embed' axis \(model.embed_dim\), which mesh.fsdp=8"),
-    ("cnn_digits", ["mesh.data=1", "mesh.fsdp=8", "model.features=(30, 64)"],
-     r"Parameter conv_0/bias has size 30 on its 'conv_out' axis \(model.features\), which mesh.fsdp=8"),
-    ("mlp_digits", ["mesh.data=1", "mesh.tensor=8", "model.hidden=100"],
-     r"size 100 on its 'hidden' axis \(model.hidden\), which mesh.tensor=8"),
-])
+    (
+      "gpt_pydocs",
+      ["mesh.data=8", "train.batch_size=12"],
+      r"train.batch_size=12 is not divisible by mesh data\*fsdp=8",
+    ),
+    (
+      "gpt_pydocs",
+      ["mesh.data=2", "mesh.fsdp=4", "train.batch_size=8", "train.eval_batch_size=20"],
+      r"train.eval_batch_size=20 is not divisible by mesh data\*fsdp=8",
+    ),
+    (
+      "gpt_pydocs",
+      ["mesh.data=2", "mesh.tensor=4"],  # smoke: 2 heads
+      r"'heads' axis \(model.num_heads\), which mesh.tensor=4 cannot split evenly",
+    ),
+    (
+      "gpt_pydocs",
+      ["mesh.data=1", "mesh.tensor=8", "model.num_heads=8", "model.mlp_dim=100"],
+      r"size 100 on its 'mlp' axis \(model.mlp_dim\), which mesh.tensor=8",
+    ),
+    (
+      "gpt_pydocs",
+      ["mesh.data=1", "mesh.fsdp=8", "model.embed_dim=36", "model.num_heads=2"],
+      r"size 36 on its 'embed' axis \(model.embed_dim\), which mesh.fsdp=8",
+    ),
+    (
+      "cnn_digits",
+      ["mesh.data=1", "mesh.fsdp=8", "model.features=(30, 64)"],
+      r"Parameter conv_0/bias has size 30 on its 'conv_out' axis \(model.features\), which mesh.fsdp=8",
+    ),
+    (
+      "mlp_digits",
+      ["mesh.data=1", "mesh.tensor=8", "model.hidden=100"],
+      r"size 100 on its 'hidden' axis \(model.hidden\), which mesh.tensor=8",
+    ),
+  ],
+)
 def test_impossible_layout_is_a_user_error_before_compiling(name, overrides, message):
   config = smoke(name, *overrides)
   with CompileCounter() as counter, pytest.raises(UserError, match=message) as e:
@@ -163,7 +197,7 @@ def train_steps(name: str, mesh: tuple[int, int, int]):
   """Initial parameters (host copies), per-step losses, and the final state and run."""
   data, fsdp, tensor = mesh
   config = smoke(name, f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}")
-  run = run_lib.build(config, jax.devices()[:math.prod(mesh)])
+  run = run_lib.build(config, jax.devices()[: math.prod(mesh)])
   state = run.init_state()
   initial = jax.device_get(state.params)
   step = train.jit_train_step(run)
@@ -193,43 +227,43 @@ def shard_shape(x: jax.Array) -> tuple[int, ...]:
 
 # What the default rules must do, written out: (path, mesh) -> (spec, shape of each device's shard).
 EXPECTED = {
-    "gpt": {
-        "fsdp8": {
-            ("token_embed", "embedding"): (P("tensor", "fsdp"), (256, 4)),  # [vocab, embed]: embed over fsdp.
-            ("position_embed",): (P(None, "fsdp"), (32, 4)),
-            ("block_0", "mlp", "fc", "kernel"): (P("fsdp", "tensor"), (4, 64)),
-            ("block_0", "attn", "qkv", "kernel"): (P("fsdp", None, "tensor", None), (4, 3, 2, 16)),
-            ("block_1", "ln2", "scale"): (None, (32,)),
-        },
-        "data2_fsdp2_tensor2": {
-            ("token_embed", "embedding"): (P("tensor", "fsdp"), (128, 16)),
-            ("block_0", "mlp", "fc", "kernel"): (P("fsdp", "tensor"), (16, 32)),  # Megatron column-parallel.
-            ("block_0", "mlp", "fc", "bias"): (P("tensor"), (32,)),
-            ("block_0", "mlp", "proj", "kernel"): (P("tensor", "fsdp"), (32, 16)),  # ... and row-parallel.
-            ("block_0", "attn", "qkv", "kernel"): (P("fsdp", None, "tensor", None), (16, 3, 1, 16)),  # Heads split.
-            ("block_0", "attn", "out", "kernel"): (P("tensor", None, "fsdp"), (1, 16, 16)),
-            ("block_1", "ln1", "scale"): (None, (32,)),
-        },
-        "data8": {
-            ("block_0", "mlp", "fc", "kernel"): (None, (32, 64)),  # Pure data parallel: whole copies.
-        },
+  "gpt": {
+    "fsdp8": {
+      ("token_embed", "embedding"): (P("tensor", "fsdp"), (256, 4)),  # [vocab, embed]: embed over fsdp.
+      ("position_embed",): (P(None, "fsdp"), (32, 4)),
+      ("block_0", "mlp", "fc", "kernel"): (P("fsdp", "tensor"), (4, 64)),
+      ("block_0", "attn", "qkv", "kernel"): (P("fsdp", None, "tensor", None), (4, 3, 2, 16)),
+      ("block_1", "ln2", "scale"): (None, (32,)),
     },
-    "cnn": {
-        "fsdp8": {
-            ("conv_0", "kernel"): (P(None, None, None, "fsdp"), (3, 3, 1, 4)),  # conv_out over fsdp.
-            ("conv_1", "kernel"): (P(None, None, None, "fsdp"), (3, 3, 32, 8)),
-            ("dense", "kernel"): (P("fsdp", "tensor"), (32, 256)),
-            ("head", "kernel"): (None, (256, 10)),
-        },
-        "data2_fsdp2_tensor2": {
-            ("conv_1", "kernel"): (P(None, None, None, "fsdp"), (3, 3, 32, 32)),
-            ("dense", "kernel"): (P("fsdp", "tensor"), (128, 128)),
-            ("head", "kernel"): (P("tensor", None), (128, 10)),
-        },
-        "data8": {
-            ("conv_1", "kernel"): (None, (3, 3, 32, 64)),
-        },
+    "data2_fsdp2_tensor2": {
+      ("token_embed", "embedding"): (P("tensor", "fsdp"), (128, 16)),
+      ("block_0", "mlp", "fc", "kernel"): (P("fsdp", "tensor"), (16, 32)),  # Megatron column-parallel.
+      ("block_0", "mlp", "fc", "bias"): (P("tensor"), (32,)),
+      ("block_0", "mlp", "proj", "kernel"): (P("tensor", "fsdp"), (32, 16)),  # ... and row-parallel.
+      ("block_0", "attn", "qkv", "kernel"): (P("fsdp", None, "tensor", None), (16, 3, 1, 16)),  # Heads split.
+      ("block_0", "attn", "out", "kernel"): (P("tensor", None, "fsdp"), (1, 16, 16)),
+      ("block_1", "ln1", "scale"): (None, (32,)),
     },
+    "data8": {
+      ("block_0", "mlp", "fc", "kernel"): (None, (32, 64)),  # Pure data parallel: whole copies.
+    },
+  },
+  "cnn": {
+    "fsdp8": {
+      ("conv_0", "kernel"): (P(None, None, None, "fsdp"), (3, 3, 1, 4)),  # conv_out over fsdp.
+      ("conv_1", "kernel"): (P(None, None, None, "fsdp"), (3, 3, 32, 8)),
+      ("dense", "kernel"): (P("fsdp", "tensor"), (32, 256)),
+      ("head", "kernel"): (None, (256, 10)),
+    },
+    "data2_fsdp2_tensor2": {
+      ("conv_1", "kernel"): (P(None, None, None, "fsdp"), (3, 3, 32, 32)),
+      ("dense", "kernel"): (P("fsdp", "tensor"), (128, 128)),
+      ("head", "kernel"): (P("tensor", None), (128, 10)),
+    },
+    "data8": {
+      ("conv_1", "kernel"): (None, (3, 3, 32, 64)),
+    },
+  },
 }
 
 

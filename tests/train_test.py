@@ -27,10 +27,10 @@ def first_batch(run: run_lib.Run, batch_size: int) -> dict:
 
 # Every model family, each on an embedded dataset so the test needs no download.
 MODELS = {
-    "mlp": ("mlp_digits", []),
-    "cnn": ("cnn_digits", []),
-    "resnet": ("mlp_digits", ["model.name=resnet", "model.width=8", "model.depth=18"]),
-    "gpt": ("gpt_pydocs", []),
+  "mlp": ("mlp_digits", []),
+  "cnn": ("cnn_digits", []),
+  "resnet": ("mlp_digits", ["model.name=resnet", "model.width=8", "model.depth=18"]),
+  "gpt": ("gpt_pydocs", []),
 }
 
 
@@ -96,8 +96,14 @@ def test_stops_on_nan_with_the_step(tmp_path):
 
 
 def test_target_stops_training_early(tmp_path):
-  config = smoke("mlp_digits", "train.steps=400", "train.eval_every=10", "train.target=accuracy >= 0.5",
-                 "checkpoint.every=100", "train.batch_size=64")
+  config = smoke(
+    "mlp_digits",
+    "train.steps=400",
+    "train.eval_every=10",
+    "train.target=accuracy >= 0.5",
+    "checkpoint.every=100",
+    "train.batch_size=64",
+  )
   result = train.train_and_evaluate(config, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   evals = [r for r in rows if r["split"] == "eval"]
@@ -109,8 +115,7 @@ def test_target_stops_training_early(tmp_path):
 def test_workdir_has_everything(tmp_path):
   workdir = str(tmp_path)
   result = train.train_and_evaluate(smoke("cnn_digits"), workdir)
-  for name in ("config.json", "run.json", "metrics.jsonl", "plots/curves.png", "plots/confusion.png",
-               "report.json"):
+  for name in ("config.json", "run.json", "metrics.jsonl", "plots/curves.png", "plots/confusion.png", "report.json"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "20"))
@@ -133,9 +138,18 @@ def test_impossible_batch_for_mesh():
 
 @pytest.mark.slow
 def test_gpt_learns_more_than_byte_frequencies(tmp_path):
-  config = smoke("gpt_pydocs", "train.steps=150", "train.eval_every=150", "dataset.seq_len=64",
-                 "model.context=64", "model.embed_dim=64", "model.mlp_dim=256", "optimizer.learning_rate=3e-3",
-                 "train.batch_size=32", "checkpoint.every=150")
+  config = smoke(
+    "gpt_pydocs",
+    "train.steps=150",
+    "train.eval_every=150",
+    "dataset.seq_len=64",
+    "model.context=64",
+    "model.embed_dim=64",
+    "model.mlp_dim=256",
+    "optimizer.learning_rate=3e-3",
+    "train.batch_size=32",
+    "checkpoint.every=150",
+  )
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result["bits_per_byte"] < data.unigram_entropy_bits("validation") - 0.5, result
 

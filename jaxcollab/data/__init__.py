@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
 from jaxcollab import config as config_lib
 from jaxcollab.data import catalog, embedded
 from jaxcollab.data.embedded import pydocs_bytes, unigram_entropy_bits
-from jaxcollab.data.pipeline import Dataset, DatasetInfo, Example, ImageExamples, TextWindows
+from jaxcollab.data.pipeline import Dataset, DatasetInfo, ImageExamples, TextWindows
 from jaxcollab.errors import ConfigError, UserError
 
-__all__ = ["DATASETS", "Dataset", "DatasetInfo", "Spec", "check", "get_dataset", "pydocs_bytes",
-           "unigram_entropy_bits"]
+__all__ = ["DATASETS", "Dataset", "DatasetInfo", "Spec", "check", "get_dataset", "pydocs_bytes", "unigram_entropy_bits"]
 
 BYTE_VOCAB = 256
 
@@ -36,27 +36,29 @@ class Spec:
 
 
 DATASETS: dict[str, Spec] = {
-    "digits": Spec("image", "test", ("train", "test"), image_shape=(8, 8, 1), num_classes=10),
-    "pydocs": Spec("text", "validation", ("train", "validation")),
-    "mnist": Spec("image", "test", ("train", "test"), "mnist", (28, 28, 1), 10),
-    "fashion_mnist": Spec("image", "test", ("train", "test"), "fashion_mnist", (28, 28, 1), 10),
-    "cifar10": Spec("image", "test", ("train", "test"), "cifar10", (32, 32, 3), 10),
-    "tiny_shakespeare": Spec("text", "validation", ("train", "validation", "test"), "tiny_shakespeare"),
-    # lm1b has no validation split; its test split plays that role.
-    "lm1b": Spec("text", "test", ("train", "test"), "lm1b"),
+  "digits": Spec("image", "test", ("train", "test"), image_shape=(8, 8, 1), num_classes=10),
+  "pydocs": Spec("text", "validation", ("train", "validation")),
+  "mnist": Spec("image", "test", ("train", "test"), "mnist", (28, 28, 1), 10),
+  "fashion_mnist": Spec("image", "test", ("train", "test"), "fashion_mnist", (28, 28, 1), 10),
+  "cifar10": Spec("image", "test", ("train", "test"), "cifar10", (32, 32, 3), 10),
+  "tiny_shakespeare": Spec("text", "validation", ("train", "validation", "test"), "tiny_shakespeare"),
+  # lm1b has no validation split; its test split plays that role.
+  "lm1b": Spec("text", "test", ("train", "test"), "lm1b"),
 }
 
 
-def _split_loader(name: str, spec: Spec, data_dir: str) -> Callable[[str], Sequence[Example]]:
-  """split -> examples of that split (text: windows with a padded tail, as eval needs)."""
+def _split_loader(name: str, spec: Spec, data_dir: str) -> Callable[[str], Any]:
+  """split -> that split's image examples, or its text as one array of byte tokens."""
   if name == "digits":
     return lambda split: ImageExamples(embedded.digits_arrays()[split])
-  if spec.kind == "image":
-    # tfds images are uint8 0..255.
-    return lambda split: ImageExamples(catalog.open_split(spec.tfds_name, split, data_dir), scale=1 / 255)
   if name == "pydocs":
     return embedded.pydocs_bytes
-  return functools.partial(catalog.text_bytes, spec.tfds_name, data_dir=data_dir)
+  tfds_name = spec.tfds_name
+  assert tfds_name is not None  # Every dataset but the embedded two comes from TFDS.
+  if spec.kind == "image":
+    # tfds images are uint8 0..255.
+    return lambda split: ImageExamples(catalog.open_split(tfds_name, split, data_dir), scale=1 / 255)
+  return functools.partial(catalog.text_bytes, tfds_name, data_dir=data_dir)
 
 
 def check(dataset: ml_collections.ConfigDict) -> Spec:
@@ -75,26 +77,41 @@ def get_dataset(config: ml_collections.ConfigDict) -> Dataset:
   spec = check(c)
   load = _split_loader(c.name, spec, c.data_dir)
 
-  def split_examples(split: str) -> Sequence[Example]:
+  def split_examples(split: str) -> Any:
     if split not in spec.splits:
       raise UserError(f"Dataset {c.name!r} has no split {split!r}; use one of {', '.join(spec.splits)}.")
     loaded = load(split)
     # Eval windows keep the short tail (masked) so that every byte of the split is scored.
     return TextWindows(loaded, c.seq_len, pad_tail=True) if spec.kind == "text" else loaded
 
+  train: Any
   if spec.kind == "text":
     train = TextWindows(load("train"), c.seq_len, pad_tail=False)
   else:
     train = load("train")
   if not len(train):
-    raise UserError(f"The train split of {c.name!r} is shorter than one example of dataset.seq_len={c.seq_len} "
-                    "bytes; lower dataset.seq_len.")
+    raise UserError(
+      f"The train split of {c.name!r} is shorter than one example of dataset.seq_len={c.seq_len} "
+      "bytes; lower dataset.seq_len."
+    )
   dataset = Dataset(
-      DatasetInfo(name=c.name, kind=spec.kind, train_size=len(train), eval_size=0, eval_split=spec.eval_split,
-                  image_shape=spec.image_shape, num_classes=spec.num_classes,
-                  vocab_size=BYTE_VOCAB if spec.kind == "text" else None,
-                  seq_len=c.seq_len if spec.kind == "text" else None),
-      train, split_examples, augment=c.augment, flip=c.flip, num_workers=c.num_workers)
+    DatasetInfo(
+      name=c.name,
+      kind=spec.kind,
+      train_size=len(train),
+      eval_size=0,
+      eval_split=spec.eval_split,
+      image_shape=spec.image_shape,
+      num_classes=spec.num_classes,
+      vocab_size=BYTE_VOCAB if spec.kind == "text" else None,
+      seq_len=c.seq_len if spec.kind == "text" else None,
+    ),
+    train,
+    split_examples,
+    augment=c.augment,
+    flip=c.flip,
+    num_workers=c.num_workers,
+  )
   # eval_size needs the eval split open; cheap for every dataset (TFDS opens lazily).
   dataset.info = dataclasses.replace(dataset.info, eval_size=len(dataset.examples()))
   return dataset

@@ -31,10 +31,10 @@ ConfigDict: TypeAlias = ml_collections.ConfigDict
 # model.name -> the module that defines it (big_vision style); a model outside this package can be
 # registered the same way, e.g. MODELS["linear"] = "mypackage.linear".
 MODELS: dict[str, str] = {
-    "mlp": "jaxcollab.models.mlp",
-    "cnn": "jaxcollab.models.cnn",
-    "resnet": "jaxcollab.models.resnet",
-    "gpt": "jaxcollab.models.gpt",
+  "mlp": "jaxcollab.models.mlp",
+  "cnn": "jaxcollab.models.cnn",
+  "resnet": "jaxcollab.models.resnet",
+  "gpt": "jaxcollab.models.gpt",
 }
 ACTIVATIONS = activations.ACTIVATIONS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -60,8 +60,10 @@ def resolve(config: ConfigDict, overridden: Collection[str] = (), drop_unread: b
   switched = "model.name" in overridden or drop_unread
   for key in unread:
     if f"model.{key}" in overridden or not switched:
-      raise ConfigError(f"Model {config.model.name!r} does not read model.{key}; its keys are "
-                        f"{', '.join(f'model.{k}' for k in (*config_lib.SHARED_MODEL_KEYS, *fields))}.")
+      raise ConfigError(
+        f"Model {config.model.name!r} does not read model.{key}; its keys are "
+        f"{', '.join(f'model.{k}' for k in (*config_lib.SHARED_MODEL_KEYS, *fields))}."
+      )
   if unread:
     logging.info("Model %r does not read %s; dropped.", config.model.name, ", ".join(f"model.{k}" for k in unread))
   values = {k: config.model[k] for k in config_lib.SHARED_MODEL_KEYS}

@@ -16,16 +16,16 @@ def identity(x: jax.Array) -> jax.Array:
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": jax.nn.gelu,  # tanh approximation, as GPT-2 uses.
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-    "silu": jax.nn.silu,
-    "elu": jax.nn.elu,
-    "leaky_relu": jax.nn.leaky_relu,  # negative slope 0.01.
-    "softplus": jax.nn.softplus,
-    "swish": jax.nn.silu,  # Another name for silu (x * sigmoid(x)); kept because papers use both.
-    "identity": identity,
+  "relu": jax.nn.relu,
+  "gelu": jax.nn.gelu,  # tanh approximation, as GPT-2 uses.
+  "tanh": jnp.tanh,
+  "sigmoid": jax.nn.sigmoid,
+  "silu": jax.nn.silu,
+  "elu": jax.nn.elu,
+  "leaky_relu": jax.nn.leaky_relu,  # negative slope 0.01.
+  "softplus": jax.nn.softplus,
+  "swish": jax.nn.silu,  # Another name for silu (x * sigmoid(x)); kept because papers use both.
+  "identity": identity,
 }
 
 

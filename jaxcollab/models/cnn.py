@@ -39,8 +39,9 @@ def check(model: ml_collections.ConfigDict, dataset: ml_collections.ConfigDict) 
 
 def make(model: ml_collections.ConfigDict, info: Any, dtype: Any) -> CNN:
   """model.features conv layers, each with 2x2 average pooling, then Dense(model.dense) and the head."""
-  return CNN(CNNConfig(info.num_classes, tuple(int(f) for f in model.features), int(model.dense), model.activation,
-                       dtype))
+  return CNN(
+    CNNConfig(info.num_classes, tuple(int(f) for f in model.features), int(model.dense), model.activation, dtype)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,25 +72,25 @@ class CNN(nn.Module):
     x = x_BxHxWxC
     for i, features in enumerate(c.features):
       x = nn.Conv(
-          features,
-          (3, 3),
-          padding="SAME",
-          dtype=c.dtype,
-          param_dtype=jnp.float32,
-          # Spatial kernel axes are tiny (3x3), so they are never sharded.
-          kernel_init=_part(nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
-          bias_init=_part(nn.initializers.zeros_init(), ("conv_out",)),
-          name=f"conv_{i}",
+        features,
+        (3, 3),
+        padding="SAME",
+        dtype=c.dtype,
+        param_dtype=jnp.float32,
+        # Spatial kernel axes are tiny (3x3), so they are never sharded.
+        kernel_init=_part(nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
+        bias_init=_part(nn.initializers.zeros_init(), ("conv_out",)),
+        name=f"conv_{i}",
       )(x)
       x = nn.avg_pool(act(x), (2, 2), strides=(2, 2))
     x_BxF = x.reshape(x.shape[0], -1)
     dense = lambda features, names, name: nn.Dense(
-        features,
-        dtype=c.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=_part(nn.initializers.lecun_normal(), names),
-        bias_init=_part(nn.initializers.zeros_init(), names[1:]),
-        name=name,
+      features,
+      dtype=c.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_part(nn.initializers.lecun_normal(), names),
+      bias_init=_part(nn.initializers.zeros_init(), names[1:]),
+      name=name,
     )
     h_BxN = act(dense(c.dense, ("embed", "hidden"), "dense")(x_BxF))
     return dense(c.num_classes, ("hidden", "classes"), "head")(h_BxN).astype(jnp.float32)

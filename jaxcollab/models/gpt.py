@@ -37,12 +37,12 @@ from jaxcollab.models import activations
 #   H heads   K head dim (D // H)   F mlp_dim   V vocab_size   C context (learned positions)
 
 GPT_SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(num_layers=2, num_heads=2, embed_dim=64, mlp_dim=256, context=256),
-    "small": dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, context=256),
-    "gpt2-124m": dict(num_layers=12, num_heads=12, embed_dim=768, mlp_dim=3072, context=1024),
-    "gpt2-medium": dict(num_layers=24, num_heads=16, embed_dim=1024, mlp_dim=4096, context=1024),
-    "gpt2-large": dict(num_layers=36, num_heads=20, embed_dim=1280, mlp_dim=5120, context=1024),
-    "gpt2-xl": dict(num_layers=48, num_heads=25, embed_dim=1600, mlp_dim=6400, context=1024),
+  "tiny": dict(num_layers=2, num_heads=2, embed_dim=64, mlp_dim=256, context=256),
+  "small": dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, context=256),
+  "gpt2-124m": dict(num_layers=12, num_heads=12, embed_dim=768, mlp_dim=3072, context=1024),
+  "gpt2-medium": dict(num_layers=24, num_heads=16, embed_dim=1024, mlp_dim=4096, context=1024),
+  "gpt2-large": dict(num_layers=36, num_heads=20, embed_dim=1280, mlp_dim=5120, context=1024),
+  "gpt2-xl": dict(num_layers=48, num_heads=25, embed_dim=1600, mlp_dim=6400, context=1024),
 }
 DIMS = ("num_layers", "num_heads", "embed_dim", "mlp_dim", "context")
 
@@ -51,8 +51,12 @@ TASK = "text"
 # trained with cuDNN attention on a GPU must load on a laptop CPU.
 PORTABLE = {"attention": "auto"}
 # Config keys behind the logical axis names, named when a mesh cannot split that axis.
-AXIS_KEYS = {"heads": "model.num_heads", "mlp": "model.mlp_dim", "embed": "model.embed_dim",
-             "vocab": "the vocabulary size"}
+AXIS_KEYS = {
+  "heads": "model.num_heads",
+  "mlp": "model.mlp_dim",
+  "embed": "model.embed_dim",
+  "vocab": "the vocabulary size",
+}
 
 
 def config_fields() -> ml_collections.ConfigDict:
@@ -92,8 +96,10 @@ def check(model: ml_collections.ConfigDict, dataset: ml_collections.ConfigDict) 
   if not 0 <= model.dropout < 1:
     raise ConfigError(f"model.dropout must be in [0, 1), got {model.dropout}.")
   if dataset.seq_len > d["context"]:
-    raise ConfigError(f"dataset.seq_len ({dataset.seq_len}) exceeds model.context ({d['context']}); raise "
-                      "model.context or lower dataset.seq_len.")
+    raise ConfigError(
+      f"dataset.seq_len ({dataset.seq_len}) exceeds model.context ({d['context']}); raise "
+      "model.context or lower dataset.seq_len."
+    )
   if model.attention not in ATTENTION_CHOICES:
     raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {model.attention!r}.")
 
@@ -106,9 +112,19 @@ def make(model: ml_collections.ConfigDict, info: Any, dtype: Any) -> GPT:
   d = dims(model)
   platform, capability = current_platform()
   attention = attention_implementation(model.attention, platform, dtype, d["embed_dim"] // d["num_heads"], capability)
-  return GPT(GPTConfig(vocab_size=int(info.vocab_size), **d, dropout=float(model.dropout),
-                       activation=model.activation, tied=bool(model.tied), remat=bool(model.remat), dtype=dtype,
-                       attention=attention, scan_layers=bool(model.scan_layers)))
+  return GPT(
+    GPTConfig(
+      vocab_size=int(info.vocab_size),
+      **d,
+      dropout=float(model.dropout),
+      activation=model.activation,
+      tied=bool(model.tied),
+      remat=bool(model.remat),
+      dtype=dtype,
+      attention=attention,
+      scan_layers=bool(model.scan_layers),
+    )
+  )
 
 
 Implementation = Literal["xla", "cudnn"]  # What jax.nn.dot_product_attention accepts.
@@ -137,8 +153,9 @@ ATTENTION_CHOICES = ("auto", "xla", "cudnn")  # Values of the config key model.a
 _CUDNN_DTYPES = ("bfloat16", "float16")
 
 
-def attention_implementation(requested: str, platform: str, dtype: Any, head_dim: int,
-                             compute_capability: str | None = None) -> Implementation:
+def attention_implementation(
+  requested: str, platform: str, dtype: Any, head_dim: int, compute_capability: str | None = None
+) -> Implementation:
   """The `jax.nn.dot_product_attention` implementation for a request on a platform, or a ConfigError.
 
   `platform` is "cuda", "rocm", "cpu" or "tpu"; `compute_capability` ("9.0") decides cuDNN's head-dim
@@ -185,12 +202,12 @@ def _zeros(names: tuple[str | None, ...]) -> nn.initializers.Initializer:
 def _layer_norm(c: GPTConfig, name: str) -> nn.LayerNorm:
   # Norm scales are tiny and used by every shard, so they are replicated ("norm").
   return nn.LayerNorm(
-      epsilon=1e-5,
-      dtype=c.dtype,
-      param_dtype=jnp.float32,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=_zeros(("norm",)),
-      name=name,
+    epsilon=1e-5,
+    dtype=c.dtype,
+    param_dtype=jnp.float32,
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+    bias_init=_zeros(("norm",)),
+    name=name,
   )
 
 
@@ -214,13 +231,13 @@ class CausalSelfAttention(nn.Module):
     # nn.Einsum, not nn.DenseGeneral: DenseGeneral initialises a flat 2-D kernel and applies the
     # 4-D logical constraint to it when logical rules are active (flax issue #3676). Same values.
     qkv_BLx3xHxK = nn.Einsum(
-        (D, 3, H, K),
-        "nd,dthk->nthk",
-        dtype=c.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=_normal(0.02, ("embed", None, "heads", "kv")),
-        bias_init=_zeros((None, "heads", "kv")),
-        name="qkv",
+      (D, 3, H, K),
+      "nd,dthk->nthk",
+      dtype=c.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_normal(0.02, ("embed", None, "heads", "kv")),
+      bias_init=_zeros((None, "heads", "kv")),
+      name="qkv",
     )(x_BxLxD.reshape(B * L, D))
     qkv_BLx3xHxK = nn.with_logical_constraint(qkv_BLx3xHxK, ("batch", None, "heads", "kv"))
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BLx3xHxK[:, i].reshape(B, L, H, K) for i in range(3))
@@ -238,25 +255,27 @@ class CausalSelfAttention(nn.Module):
       mask_1x1xLxS = (jnp.arange(S)[None, :] <= i + jnp.arange(L)[:, None])[None, None]
       # Always XLA: cuDNN's causal mask is aligned at the top left, so a chunk at offset i > 0 needs this
       # explicit mask, which cuDNN would turn into a dense bias; one-token steps are memory-bound anyway.
-      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_1x1xLxS,
-                                                 implementation="xla")
+      out_BxLxHxK = jax.nn.dot_product_attention(
+        q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_1x1xLxS, implementation="xla"
+      )
     else:
       if decode:  # First (init) call in decode mode: size the cache from this input's length.
         self.variable("cache", "key", jnp.zeros, k_BxLxHxK.shape, k_BxLxHxK.dtype)
         self.variable("cache", "value", jnp.zeros, v_BxLxHxK.shape, v_BxLxHxK.dtype)
         self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True,
-                                                 implementation=c.attention)
+      out_BxLxHxK = jax.nn.dot_product_attention(
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=c.attention
+      )
 
     out_BLxHxK = nn.with_logical_constraint(out_BxLxHxK.reshape(B * L, H, K), ("batch", "heads", "kv"))
     return nn.Einsum(
-        (H, K, D),
-        "nhk,hkd->nd",
-        dtype=c.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=_normal(_residual_std(c), ("heads", "kv", "embed")),
-        bias_init=_zeros(("embed",)),
-        name="out",
+      (H, K, D),
+      "nhk,hkd->nd",
+      dtype=c.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_normal(_residual_std(c), ("heads", "kv", "embed")),
+      bias_init=_zeros(("embed",)),
+      name="out",
     )(out_BLxHxK)
 
 
@@ -269,12 +288,12 @@ class FeedForward(nn.Module):
   def __call__(self, x_BLxD: jax.Array) -> jax.Array:
     c = self.config
     dense = lambda features, std, names, name: nn.Dense(
-        features,
-        dtype=c.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=_normal(std, names),
-        bias_init=_zeros(names[1:]),
-        name=name,
+      features,
+      dtype=c.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_normal(std, names),
+      bias_init=_zeros(names[1:]),
+      name=name,
     )
     h_BLxF = activations.get(c.activation)(dense(c.mlp_dim, 0.02, ("embed", "mlp"), "fc")(x_BLxD))
     h_BLxF = nn.with_logical_constraint(h_BLxF, ("batch", "mlp"))
@@ -333,12 +352,12 @@ class GPT(nn.Module):
     if L > c.context:
       raise ValueError(f"Sequence length {L} exceeds the model context {c.context}; raise model.context.")
     embed = nn.Embed(
-        c.vocab_size,
-        D,
-        dtype=c.dtype,
-        param_dtype=jnp.float32,
-        embedding_init=_normal(0.02, ("vocab", "embed")),
-        name="token_embed",
+      c.vocab_size,
+      D,
+      dtype=c.dtype,
+      param_dtype=jnp.float32,
+      embedding_init=_normal(0.02, ("vocab", "embed")),
+      name="token_embed",
     )
     # The position axis is never sharded (None): every shard needs all positions.
     pos_CxD = self.param("position_embed", _normal(0.02, (None, "embed")), (c.context, D), jnp.float32)
@@ -356,8 +375,13 @@ class GPT(nn.Module):
     if c.scan_layers:
       # One traced block instead of num_layers copies: compile time stays flat in depth. Parameters
       # (and the decode cache) gain a leading layer axis, logically named "layers" (never sharded).
-      stack = nn.scan(_ScanBlock, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
-                      length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      stack = nn.scan(
+        _ScanBlock,
+        variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True},
+        length=c.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       x_BxLxD, _ = stack(c, train, decode, name="blocks")(x_BxLxD, None)
     else:
       for i in range(c.num_layers):
@@ -372,13 +396,13 @@ class GPT(nn.Module):
       logits_BLxV = f32_dot(x_BLxD.astype(c.dtype), w_VxD, (((1,), (1,)), ((), ())))
     else:
       logits_BLxV = nn.Dense(
-          c.vocab_size,
-          use_bias=False,  # GPT-2's head has no bias.
-          dtype=c.dtype,
-          param_dtype=jnp.float32,
-          kernel_init=_normal(0.02, ("embed", "vocab")),
-          dot_general=f32_dot,
-          name="head",
+        c.vocab_size,
+        use_bias=False,  # GPT-2's head has no bias.
+        dtype=c.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_normal(0.02, ("embed", "vocab")),
+        dot_general=f32_dot,
+        name="head",
       )(x_BLxD)
     logits_BLxV = nn.with_logical_constraint(logits_BLxV, ("batch", "vocab"))
     return logits_BLxV.reshape(B, L, c.vocab_size).astype(jnp.float32)
@@ -414,8 +438,11 @@ def _map_dicts(tree: Any, match, convert) -> Any:
   if isinstance(tree, Mapping):
     if match(tree):
       return convert(tree)
-    return type(tree)({k: _map_dicts(v, match, convert) for k, v in tree.items()}) if isinstance(tree, dict) else {
-        k: _map_dicts(v, match, convert) for k, v in tree.items()}
+    return (
+      type(tree)({k: _map_dicts(v, match, convert) for k, v in tree.items()})
+      if isinstance(tree, dict)
+      else {k: _map_dicts(v, match, convert) for k, v in tree.items()}
+    )
   if isinstance(tree, tuple):
     items = [_map_dicts(v, match, convert) for v in tree]
     return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)

@@ -59,12 +59,12 @@ class MLP(nn.Module):
     del train  # Nothing behaves differently in training.
     c = self.config
     dense = lambda features, names, name: nn.Dense(
-        features,
-        dtype=c.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[1:]),
-        name=name,
+      features,
+      dtype=c.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[1:]),
+      name=name,
     )
     x_BxF = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1)
     h_BxN = activations.get(c.activation)(dense(c.hidden, ("embed", "hidden"), "hidden")(x_BxF))

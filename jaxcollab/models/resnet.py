@@ -49,14 +49,14 @@ def check(model: ml_collections.ConfigDict, dataset: ml_collections.ConfigDict) 
 
 def make(model: ml_collections.ConfigDict, info: Any, dtype: Any) -> ResNet:
   """ResNet-{18,34,50} with model.width first-stage channels and a cifar or imagenet stem."""
-  return ResNet(ResNetConfig(info.num_classes, int(model.depth), int(model.width), model.stem, model.activation,
-                             dtype))
+  return ResNet(ResNetConfig(info.num_classes, int(model.depth), int(model.width), model.stem, model.activation, dtype))
+
 
 # depth -> (block kind, blocks per stage); the four stages double the width each time.
 STAGES: dict[int, tuple[str, tuple[int, ...]]] = {
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
+  18: ("basic", (2, 2, 2, 2)),
+  34: ("basic", (3, 4, 6, 3)),
+  50: ("bottleneck", (3, 4, 6, 3)),
 }
 
 
@@ -76,34 +76,34 @@ def _conv(features: int, size: int, stride: int, dtype: Any, name: str) -> nn.Co
   # Symmetric padding (size // 2) as in torchvision; "SAME" would shift strided windows by one pixel.
   pad = size // 2
   return nn.Conv(
-      features,
-      (size, size),
-      strides=(stride, stride),
-      padding=((pad, pad), (pad, pad)),
-      use_bias=False,  # BatchNorm follows every conv, so a bias would be redundant.
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(
-          nn.initializers.variance_scaling(2.0, "fan_out", "normal"), (None, None, "conv_in", "conv_out")
-      ),
-      name=name,
+    features,
+    (size, size),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,  # BatchNorm follows every conv, so a bias would be redundant.
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=nn.with_logical_partitioning(
+      nn.initializers.variance_scaling(2.0, "fan_out", "normal"), (None, None, "conv_in", "conv_out")
+    ),
+    name=name,
   )
 
 
 def _norm(train: bool, dtype: Any, name: str, zero: bool = False) -> nn.BatchNorm:
   return nn.BatchNorm(
-      use_running_average=not train,
-      momentum=0.9,
-      epsilon=1e-5,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      # The last BN of a residual branch starts at zero so each block begins as the identity
-      # (Goyal et al. 2017, as in flax examples/imagenet); it trains faster and changes no count.
-      scale_init=nn.with_logical_partitioning(
-          nn.initializers.zeros_init() if zero else nn.initializers.ones_init(), ("norm",)
-      ),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-      name=name,
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    # The last BN of a residual branch starts at zero so each block begins as the identity
+    # (Goyal et al. 2017, as in flax examples/imagenet); it trains faster and changes no count.
+    scale_init=nn.with_logical_partitioning(
+      nn.initializers.zeros_init() if zero else nn.initializers.ones_init(), ("norm",)
+    ),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+    name=name,
   )
 
 
@@ -182,11 +182,11 @@ class ResNet(nn.Module):
         x = BLOCKS[kind](c.width * 2**stage, stride, act, c.dtype, name=f"stage{stage + 1}_block{i + 1}")(x, train)
     x_BxC = jnp.mean(x, axis=(1, 2))
     logits_BxK = nn.Dense(
-        c.num_classes,
-        dtype=c.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "classes")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("classes",)),
-        name="head",
+      c.num_classes,
+      dtype=c.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "classes")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("classes",)),
+      name="head",
     )(x_BxC)
     return logits_BxK.astype(jnp.float32)

@@ -23,12 +23,16 @@ def main(path: str, step: str, out: str) -> None:
 
   info = data.get_dataset(config).info
   logits = model.apply(variables, run_lib.model_input(run_lib.example_batch(info)), train=False)
-  print(json.dumps({
-      "devices": jax.device_count(),
-      "on": sorted({str(d) for x in jax.tree.leaves(variables) for d in x.devices()}),
-      "model": config.model.name,
-      "finite": bool(np.isfinite(np.asarray(logits)).all()),
-  }))
+  print(
+    json.dumps(
+      {
+        "devices": jax.device_count(),
+        "on": sorted({str(d) for x in jax.tree.leaves(variables) for d in x.devices()}),
+        "model": config.model.name,
+        "finite": bool(np.isfinite(np.asarray(logits)).all()),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

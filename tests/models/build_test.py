@@ -22,10 +22,10 @@ LOGICAL_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "hidden", "conv_in", "c
 
 # Small enough for a 2-core CPU; each still exercises every layer type of its model.
 CASES = {
-    "mlp": dict(hidden=32),
-    "cnn": dict(features=(8, 16), dense=32),
-    "resnet": dict(depth=18, width=8),
-    "gpt": dict(num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, context=16),
+  "mlp": dict(hidden=32),
+  "cnn": dict(features=(8, 16), dense=32),
+  "resnet": dict(depth=18, width=8),
+  "gpt": dict(num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, context=16),
 }
 
 

@@ -20,13 +20,13 @@ def conv(c_in: int, c_out: int) -> int:
 
 
 @pytest.mark.parametrize(
-    "image_shape, expected",
-    [
-        # digits 8x8 -> two pools -> 2x2x64 = 256 features into Dense(256).
-        ((8, 8, 1), conv(1, 32) + conv(32, 64) + 256 * 256 + 256 + 256 * 10 + 10),  # 87,178
-        # mnist 28x28 -> 7x7x64 = 3136 features.
-        ((28, 28, 1), conv(1, 32) + conv(32, 64) + 3136 * 256 + 256 + 256 * 10 + 10),
-    ],
+  "image_shape, expected",
+  [
+    # digits 8x8 -> two pools -> 2x2x64 = 256 features into Dense(256).
+    ((8, 8, 1), conv(1, 32) + conv(32, 64) + 256 * 256 + 256 + 256 * 10 + 10),  # 87,178
+    # mnist 28x28 -> 7x7x64 = 3136 features.
+    ((28, 28, 1), conv(1, 32) + conv(32, 64) + 3136 * 256 + 256 + 256 * 10 + 10),
+  ],
 )
 def test_default_parameter_count(image_shape, expected):
   params = shapes(cnn_lib.CNNConfig(10), image_shape)

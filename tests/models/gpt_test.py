@@ -86,8 +86,9 @@ def test_changing_a_later_token_leaves_earlier_logits_bitwise_equal():
 
 def test_dropout_is_random_in_training_and_off_in_evaluation():
   model, x, p = build(dropout=0.3), tokens(), params()
-  apply = jax.jit(lambda rng, train: model.apply({"params": p}, x, train=train, rngs={"dropout": rng}),
-                  static_argnums=1)
+  apply = jax.jit(
+    lambda rng, train: model.apply({"params": p}, x, train=train, rngs={"dropout": rng}), static_argnums=1
+  )
   a, b = apply(jax.random.key(1), True), apply(jax.random.key(2), True)
   assert not np.allclose(a, b)
   np.testing.assert_array_equal(apply(jax.random.key(1), False), apply(jax.random.key(2), False))
@@ -106,6 +107,7 @@ def test_remat_gives_the_same_loss_and_gradients():
     def loss(p):
       logits = model.apply({"params": p}, x, train=True)
       return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
     return jax.jit(jax.value_and_grad(loss))(p)
 
   (l0, g0), (l1, g1) = loss_and_grads(build()), loss_and_grads(build(remat=True))
@@ -147,8 +149,9 @@ def test_kv_cache_decoding_matches_the_full_forward_pass():
   # Only the cache's shapes come from init; eval_shape skips computing parameters again.
   shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, x, train=False, decode=True))
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
-  step = jax.jit(lambda cache, x: model.apply({"params": p, "cache": cache}, x, train=False, decode=True,
-                                              mutable=["cache"]))
+  step = jax.jit(
+    lambda cache, x: model.apply({"params": p, "cache": cache}, x, train=False, decode=True, mutable=["cache"])
+  )
   outs, start = [], 0
   # A prompt first, then single tokens as a sampler feeds them, and a chunk at a non-zero index.
   for n in (5, 1, 1, 3, 1, 1):
@@ -162,7 +165,9 @@ def test_kv_cache_decoding_matches_the_full_forward_pass():
 # --- Attention by platform (model.attention) ---------------------------------------------------
 
 
-@pytest.mark.parametrize("requested, platform, dtype, head_dim, capability, expected", [
+@pytest.mark.parametrize(
+  "requested, platform, dtype, head_dim, capability, expected",
+  [
     ("auto", "cuda", jnp.bfloat16, 64, "9.0", "cudnn"),
     ("auto", "cuda", jnp.bfloat16, 256, "9.0", "cudnn"),  # Hopper allows head dims up to 256 ...
     ("auto", "cuda", jnp.bfloat16, 256, "8.0", "xla"),  # ... Ampere up to 128.
@@ -174,17 +179,21 @@ def test_kv_cache_decoding_matches_the_full_forward_pass():
     ("xla", "cuda", jnp.bfloat16, 64, "9.0", "xla"),
     ("xla", "cpu", jnp.float32, 7, None, "xla"),
     ("cudnn", "cuda", jnp.bfloat16, 128, "8.0", "cudnn"),
-])
+  ],
+)
 def test_attention_implementation_choice(requested, platform, dtype, head_dim, capability, expected):
   assert gpt_lib.attention_implementation(requested, platform, dtype, head_dim, capability) == expected
 
 
-@pytest.mark.parametrize("requested, platform, dtype, head_dim, needle", [
+@pytest.mark.parametrize(
+  "requested, platform, dtype, head_dim, needle",
+  [
     ("cudnn", "cpu", jnp.bfloat16, 64, "needs an NVIDIA GPU and this run is on cpu"),
     ("cudnn", "cuda", jnp.float32, 64, "needs model.dtype=bfloat16, not float32"),
     ("cudnn", "cuda", jnp.bfloat16, 160, "must be a multiple of 8 and <= 128"),
     ("flash", "cuda", jnp.bfloat16, 64, "model.attention must be one of auto, xla, cudnn, got 'flash'"),
-])
+  ],
+)
 def test_impossible_attention_is_one_sentence(requested, platform, dtype, head_dim, needle):
   with pytest.raises(ConfigError, match=re.escape(needle)) as e:
     gpt_lib.attention_implementation(requested, platform, dtype, head_dim, "8.0")
@@ -193,8 +202,17 @@ def test_impossible_attention_is_one_sentence(requested, platform, dtype, head_d
 
 @pytest.mark.parametrize("value, needle", [("cudnn", "needs an NVIDIA GPU"), ("flash", "got 'flash'")])
 def test_cli_refuses_cudnn_on_cpu_before_compiling(tmp_path, capsys, value, needle):
-  code = main.main(["train", "--config", "gpt_pydocs:smoke", "--workdir", str(tmp_path / "w"),
-                    f"--config.model.attention={value}", "--config.model.dtype=bfloat16"])
+  code = main.main(
+    [
+      "train",
+      "--config",
+      "gpt_pydocs:smoke",
+      "--workdir",
+      str(tmp_path / "w"),
+      f"--config.model.attention={value}",
+      "--config.model.dtype=bfloat16",
+    ]
+  )
   err = capsys.readouterr().err
   assert code == 2 and needle in err and err.count("\n") == 1
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
@@ -275,11 +293,16 @@ def test_scanned_and_unscanned_models_give_equal_logits_and_gradients():
     return jax.jit(jax.value_and_grad(lambda p: model.apply({"params": p}, x, train=False).mean()))(p)
 
   for extra in ({}, {"remat": True}):
-    (l0, g0), (l1, g1) = loss_and_grads(build(**extra), params()), loss_and_grads(build(scan_layers=True, **extra),
-                                                                                  scanned_params())
+    (l0, g0), (l1, g1) = (
+      loss_and_grads(build(**extra), params()),
+      loss_and_grads(build(scan_layers=True, **extra), scanned_params()),
+    )
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 gpt_lib.unscan_params(g1, TINY["num_layers"]), g0)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+      gpt_lib.unscan_params(g1, TINY["num_layers"]),
+      g0,
+    )
 
 
 def test_mapping_converts_optimizer_state_too():
@@ -319,8 +342,9 @@ def test_scanned_kv_cache_decoding_matches_the_full_forward_pass():
   full = jax.jit(lambda x: model.apply({"params": p}, x, train=False))(x)
   shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, x, train=False, decode=True))
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
-  step = jax.jit(lambda cache, x: model.apply({"params": p, "cache": cache}, x, train=False, decode=True,
-                                              mutable=["cache"]))
+  step = jax.jit(
+    lambda cache, x: model.apply({"params": p, "cache": cache}, x, train=False, decode=True, mutable=["cache"])
+  )
   outs, start = [], 0
   for n in (5, 1, 3, 1, 2):
     logits, variables = step(cache, x[:, start : start + n])

@@ -16,12 +16,12 @@ def count(config: mlp_lib.MLPConfig, image_shape) -> int:
 
 
 @pytest.mark.parametrize(
-    "image_shape, hidden, expected",
-    [
-        ((8, 8, 1), 1024, 64 * 1024 + 1024 + 1024 * 10 + 10),  # digits: 76,810
-        ((28, 28, 1), 1024, 784 * 1024 + 1024 + 1024 * 10 + 10),  # mnist: 814,090
-        ((8, 8, 1), 16, 64 * 16 + 16 + 16 * 10 + 10),
-    ],
+  "image_shape, hidden, expected",
+  [
+    ((8, 8, 1), 1024, 64 * 1024 + 1024 + 1024 * 10 + 10),  # digits: 76,810
+    ((28, 28, 1), 1024, 784 * 1024 + 1024 + 1024 * 10 + 10),  # mnist: 814,090
+    ((8, 8, 1), 16, 64 * 16 + 16 + 16 * 10 + 10),
+  ],
 )
 def test_parameter_count(image_shape, hidden, expected):
   assert count(mlp_lib.MLPConfig(10, hidden=hidden), image_shape) == expected

@@ -20,13 +20,13 @@ def count(tree) -> int:
 
 
 @pytest.mark.parametrize(
-    "depth, stem, classes, image_shape, expected",
-    [
-        (18, "cifar", 10, (32, 32, 3), 11_173_962),  # torchvision resnet18 with a 3x3 stem, no max-pool.
-        (18, "imagenet", 1000, (224, 224, 3), 11_689_512),  # torchvision resnet18.
-        (34, "imagenet", 1000, (224, 224, 3), 21_797_672),  # torchvision resnet34.
-        (50, "imagenet", 1000, (224, 224, 3), 25_557_032),  # torchvision resnet50.
-    ],
+  "depth, stem, classes, image_shape, expected",
+  [
+    (18, "cifar", 10, (32, 32, 3), 11_173_962),  # torchvision resnet18 with a 3x3 stem, no max-pool.
+    (18, "imagenet", 1000, (224, 224, 3), 11_689_512),  # torchvision resnet18.
+    (34, "imagenet", 1000, (224, 224, 3), 21_797_672),  # torchvision resnet34.
+    (50, "imagenet", 1000, (224, 224, 3), 25_557_032),  # torchvision resnet50.
+  ],
 )
 def test_parameter_count_matches_torchvision(depth, stem, classes, image_shape, expected):
   _, variables = abstract(resnet_lib.ResNetConfig(classes, depth=depth, stem=stem), image_shape)
@@ -40,8 +40,11 @@ def test_stem_and_stages_downsample_like_torchvision():
   config = resnet_lib.ResNetConfig(10, depth=18, width=8, stem="imagenet")
   model, variables = abstract(config, (224, 224, 3))
   features = jax.eval_shape(
-      lambda v: model.apply(v, jnp.zeros((1, 224, 224, 3)), train=False, capture_intermediates=True,
-                            mutable=["intermediates"])[1], variables)["intermediates"]
+    lambda v: model.apply(
+      v, jnp.zeros((1, 224, 224, 3)), train=False, capture_intermediates=True, mutable=["intermediates"]
+    )[1],
+    variables,
+  )["intermediates"]
   assert features["stage1_block1"]["__call__"][0].shape == (1, 56, 56, 8)
   assert features["stage4_block2"]["__call__"][0].shape == (1, 7, 7, 64)
 
@@ -52,8 +55,7 @@ def random_variables(config: resnet_lib.ResNetConfig, image_shape):
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), jnp.float32), shapes["params"])
   stats = {"mean": jnp.zeros, "var": jnp.ones}
-  batch_stats = jax.tree_util.tree_map_with_path(lambda p, s: stats[p[-1].key](s.shape, s.dtype),
-                                                 shapes["batch_stats"])
+  batch_stats = jax.tree_util.tree_map_with_path(lambda p, s: stats[p[-1].key](s.shape, s.dtype), shapes["batch_stats"])
   return model, {"params": params, "batch_stats": batch_stats}
 
 
@@ -72,8 +74,9 @@ def test_batch_stats_update_in_training_and_are_used_in_evaluation():
   mean0, mean1 = variables["batch_stats"]["stem_bn"]["mean"], new["batch_stats"]["stem_bn"]["mean"]
   assert not np.allclose(mean0, mean1)
   # momentum 0.9: the running mean moves a tenth of the way from 0 to the batch mean of the stem conv.
-  stem = jax.lax.conv_general_dilated(x, variables["params"]["stem_conv"]["kernel"], (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  stem = jax.lax.conv_general_dilated(
+    x, variables["params"]["stem_conv"]["kernel"], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   np.testing.assert_allclose(mean1, 0.1 * jnp.mean(stem, axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
   # Evaluation normalises with the running statistics, so it changes when they do...
   assert not np.allclose(evaluate(variables, x), evaluate(new, x))
