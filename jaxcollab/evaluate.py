@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -57,15 +59,16 @@ class Evaluator:
 
   def sums(self, params: PyTree, batch_stats: PyTree) -> dict[str, np.ndarray]:
     """Loss sum, example (or token) count and confusion matrix over the whole eval split."""
-    totals = None
-    for local in self.run.dataset.eval_batches(
-      batch_size=self.per_process, process_index=jax.process_index(), process_count=jax.process_count()
-    ):
-      if self.stop is not None:
-        self.stop.check()
-      out = self._step(params, batch_stats, sharding.to_global(local, self.batch_sharding))
-      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    return {k: np.asarray(v, np.float64) for k, v in jax.device_get(totals).items()}
+
+    def outputs() -> Iterator[dict[str, jax.Array]]:
+      for local in self.run.dataset.eval_batches(
+        batch_size=self.per_process, process_index=jax.process_index(), process_count=jax.process_count()
+      ):
+        if self.stop is not None:
+          self.stop.check()
+        yield self._step(params, batch_stats, sharding.to_global(local, self.batch_sharding))
+
+    return sum_on_host(outputs())
 
   def _state_sums(self, state: run_lib.TrainState) -> dict[str, np.ndarray]:
     # The loop evaluates at the last step and then asks for the final report of the same state:
@@ -108,6 +111,23 @@ class Evaluator:
         )
       print(metrics.format_report(report))
     return result
+
+
+def sum_on_host(outputs: Iterable[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
+  """Adds the per-batch sums in float64 on the host, each pulled one batch late so the device stays busy.
+
+  Not with eager `jnp.add` on the device: with several processes, eager additions between the jitted
+  eval steps hung both processes now and then under load (tests/multihost_test.py), and float64 on the
+  host keeps large counts exact.
+  """
+  totals: dict[str, np.ndarray] = {}
+  pending = None
+  for out in itertools.chain(outputs, [None]):
+    if pending is not None:
+      for k, v in jax.device_get(pending).items():
+        totals[k] = totals[k] + np.asarray(v, np.float64) if k in totals else np.asarray(v, np.float64)
+    pending = out
+  return totals
 
 
 def summarize(sums: dict[str, np.ndarray]) -> dict[str, float]:

@@ -128,11 +128,10 @@ class Stacked:
   def eval_sums(self, state: TrainState) -> list[dict[str, np.ndarray]]:
     """Each seed's eval sums (see `Evaluator.sums`), every eval batch evaluated for all seeds at once."""
     e = self.evaluator
-    totals = None
-    for local in self.runs[0].dataset.eval_batches(batch_size=e.per_process):
-      out = self.eval_step(state.params, state.batch_stats, sharding.to_global(local, e.batch_sharding))
-      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = {k: np.asarray(v, np.float64) for k, v in jax.device_get(totals).items()}
+    totals = evaluate.sum_on_host(
+      self.eval_step(state.params, state.batch_stats, sharding.to_global(local, e.batch_sharding))
+      for local in self.runs[0].dataset.eval_batches(batch_size=e.per_process)
+    )
     return [{k: v[i] for k, v in totals.items()} for i in range(len(self.runs))]
 
 
