@@ -266,10 +266,9 @@ def _train(
     # First: it reads metrics.jsonl back, and a damaged line must stop us before anything is rewritten.
     writer = metrics.MetricWriter(workdir, enabled=is_main, resume_step=start)
     if is_main:
-      workdir_lib.write_config(workdir, config_lib.to_json(config))
-      metrics.write_run_info(
-        workdir, config_json=config_lib.to_json(config), mesh_shape=dict(run.mesh.shape), argv=list(sys.argv)
-      )
+      config_json = config_lib.to_json(config)
+      workdir_lib.write_config(workdir, config_json)
+      metrics.write_run_info(workdir, config_json=config_json, mesh_shape=dict(run.mesh.shape), argv=list(sys.argv))
       wd.begin_segment(
         start,
         list(sys.argv),
