@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     "compare",
     allow_abbrev=False,
     help="tabulate and plot runs grouped by the config keys that differ",
-    description="Group runs by the config keys that differ (seeds pooled); print mean +- std, 95%% "
+    description="Group runs by the config keys that differ (seeds pooled); print mean +- std, 95% "
     "CI and Welch's t-test against a baseline; write comparison.md/.csv/.json and PNGs.",
   )
   cmp.add_argument("paths", nargs="+", metavar="DIR", help="workdirs or sweep directories (searched recursively)")
