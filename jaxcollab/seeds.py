@@ -103,7 +103,7 @@ class Stacked:
   def init_state(self) -> TrainState:
     """Every seed's initial state (the same numbers as its own `run.init_state()`), in one compiled program."""
     like = self.runs[0].abstract_state
-    return jax.jit(lambda: _stack([r.init_fn() for r in self.runs], like), out_shardings=self.shardings)()
+    return sharding.create_sharded(lambda: _stack([r.init_fn() for r in self.runs], like), self.shardings)
 
   def stack(self, states: list[TrainState]) -> TrainState:
     return jax.device_put(_stack(states, self.runs[0].abstract_state), self.shardings)

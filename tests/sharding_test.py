@@ -315,6 +315,31 @@ def test_building_a_run_compiles_nothing_and_init_makes_only_shards():
   assert all(s.data.shape == (256, 4) for s in embedding.addressable_shards)  # 1/8 of it on each device.
 
 
+@pytest.mark.parametrize(
+  "name, overrides, devices",
+  [
+    ("gpt_pydocs", [], 1),  # Full size: 0.8M parameters drawn through erf_inv.
+    ("gpt_pydocs:smoke", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], 8),
+    ("cnn_digits:smoke", ["mesh.data=1", "mesh.fsdp=8"], 8),
+    ("mlp_digits:smoke", ["model.name=resnet", "model.width=8", "model.depth=18"], 1),
+  ],
+)
+def test_init_equals_the_default_compilation_bit_for_bit(name, overrides, devices):
+  # create_sharded compiles the init with its own options (INIT_COMPILER_OPTIONS): same numbers, sooner.
+  experiment, _, variant = name.partition(":")
+  config = config_lib.apply_overrides(config_lib.load_experiment(experiment, variant or None), overrides)
+  run = run_lib.build(config, jax.devices()[:devices])
+  with CompileCounter() as counter:
+    state = run.init_state()
+  assert counter.count == 1  # One program: the rng, optimizer state and parameters together.
+  default = jax.jit(run.init_fn, out_shardings=run.shardings)()
+  leaves, expected = jax.tree.leaves(state), jax.tree.leaves(default)
+  assert len(leaves) == len(expected)
+  for a, b in zip(leaves, expected):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # --- Activation constraints -----------------------------------------------------------------------
 
 
