@@ -73,6 +73,14 @@ def example_batch(info: data.DatasetInfo) -> dict[str, np.ndarray]:
   }
 
 
+def abstract_batch(info: data.DatasetInfo, batch_size: int, batch_sharding: jax.sharding.Sharding) -> PyTree:
+  """Shapes, dtypes and sharding of a global batch of `batch_size`, for compiling before the first batch exists."""
+  return {
+    k: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype, sharding=batch_sharding)
+    for k, x in example_batch(info).items()
+  }
+
+
 def init_variables(model: nn.Module, info: data.DatasetInfo, seed: int) -> PyTree:
   """The model's variables as initialised from `seed`, with their logical-partitioning boxes."""
   return model.init({"params": jax.random.PRNGKey(seed)}, model_input(example_batch(info)), train=False)

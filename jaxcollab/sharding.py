@@ -176,6 +176,11 @@ def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> di
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
+def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
+  """ShapeDtypeStructs that carry their shardings: what jit sees of arrays laid out that way."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 def logical_specs(abstract_boxed: PyTree) -> PyTree:
   """Logical PartitionSpecs of a tree whose leaves may be `nn.LogicallyPartitioned` boxes."""
   return nn.get_partition_spec(abstract_boxed)

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -73,6 +74,30 @@ def jit_train_step(run: Run) -> Callable:
     out_shardings=(run.shardings, None),
     donate_argnums=0,
   )
+
+
+def jit_train_step_ahead(run: Run) -> tuple[Callable, Callable[[], None]]:
+  """`jit_train_step(run)`, compiling on a thread now; call the second function before the first step.
+
+  The step is traced here from the run's abstract state and compiled by XLA on a thread (the GIL is
+  free meanwhile), so the state's own init program compiles beside it: on a cold cache the two
+  compilations overlap instead of queueing. A step called with arrays of those shapes and shardings
+  finds the executable in jax's cache; a failed compilation is left to that call to raise, where the
+  loop handles errors.
+  """
+  step = jit_train_step(run)
+  batch = run_lib.abstract_batch(run.dataset.info, run.config.train.batch_size, sharding.batch_sharding(run.mesh))
+  lowered = step.lower(sharding.with_shardings(run.abstract_state, run.shardings), batch)
+
+  def compile_quietly() -> None:
+    with contextlib.suppress(Exception):
+      lowered.compile()
+
+  # Not a daemon: a process that fails before its first step waits for XLA to finish, rather than
+  # tearing the interpreter down under a thread inside the compiler.
+  thread = threading.Thread(target=compile_quietly, name="compile train_step")
+  thread.start()
+  return step, thread.join
 
 
 def _target_met(target: tuple[str, str, float] | None, result: dict[str, float]) -> bool:
@@ -256,6 +281,8 @@ def _train(
     changes.update(workdir_lib.check_resume(saved, config, step, workdir, portable))
 
   try:
+    # The step compiles while the state is restored or initialised; compiled() waits for it.
+    step_fn, compiled = jit_train_step_ahead(run)
     state = checkpointer.restore_latest(run.abstract_state, run.shardings, train_iter, check_config)
     if state is None:
       state = ready(run.init_state(), run, "while initialising the parameters")
@@ -285,13 +312,13 @@ def _train(
     per_batch = config.train.batch_size * (1 if info.kind == "image" else info.seq_len)
     progress = metrics.Progress(config.train.steps, initial=start, every=config.train.log_every, enabled=is_main)
     logger = StepLogger(writer, progress, config, start, per_batch, unit)
-    step_fn = jit_train_step(run)
     evaluator = evaluate.Evaluator(run)
     evaluator.stop = stop
     batch_sharding = sharding.batch_sharding(run.mesh)
     finished = start >= config.train.steps
     stopped = False
     step = start
+    compiled()  # Before the first call, which would otherwise compile the step a second time.
     while not finished:
       batch = sharding.to_global(next(train_iter), batch_sharding)
       state, step_metrics = step_fn(state, batch)

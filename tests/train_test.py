@@ -50,6 +50,29 @@ def test_loss_falls_on_a_fixed_batch(model):
   assert int(state.step) == 12
 
 
+@pytest.mark.parametrize(
+  "name, overrides, devices",
+  [("gpt_pydocs", [], 1), ("cnn_digits", ["mesh.data=2", "mesh.fsdp=4"], 8)],
+)
+def test_the_step_compiled_ahead_is_the_one_the_first_step_runs(name, overrides, devices):
+  run = run_lib.build(smoke(name, *overrides), jax.devices()[:devices])
+  compiles = []
+  listener = lambda event, *a, **k: compiles.append(event) if event.endswith("backend_compile_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    step, compiled = train.jit_train_step_ahead(run)
+    state = run.init_state()  # Compiles beside the step.
+    batch = first_batch(run, run.config.train.batch_size)
+    compiled()
+    ahead = len(compiles)
+    state, m = step(state, batch)
+    state, m = step(state, batch)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert ahead >= 1 and len(compiles) == ahead  # The real arrays found the executable: nothing compiled again.
+  assert int(state.step) == 2 and math.isfinite(float(m["loss"]))
+
+
 def test_jit_equals_no_jit():
   # The one-layer GPT with dropout: eager mode dispatches op by op, so keep it small.
   run = run_lib.build(smoke("gpt_pydocs", "model.dropout=0.1", "model.num_layers=1", "train.batch_size=4"), ONE_DEVICE)
