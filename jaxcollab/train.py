@@ -91,6 +91,18 @@ def jit_train_steps(run: Run, count: int) -> Callable:
   return jax.jit(steps, in_shardings=(run.shardings, stacked), out_shardings=(run.shardings, None), donate_argnums=0)
 
 
+def steps_in_call(step: int, config: ConfigDict) -> int:
+  """Steps the next call runs after `step`: `train.steps_per_call`, or 1 where an eval or a save falls inside."""
+  t, every = config.train, config.checkpoint.every
+  inside = range(step + 1, step + t.steps_per_call)
+  return 1 if any(s % t.eval_every == 0 or s % every == 0 or s >= t.steps for s in inside) else t.steps_per_call
+
+
+def stack_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Host batches (or stacks of them) stacked on a new leading axis, key by key."""
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
 def _target_met(target: tuple[str, str, float] | None, result: dict[str, float]) -> bool:
   if target is None or target[0] not in result:
     return False
@@ -329,12 +341,9 @@ def _train(
     stopped = False
     step = start
     while not finished:
-      # A call of `per_call` steps only where no evaluation or save falls inside it; one step otherwise.
-      inside = range(step + 1, step + per_call)
-      if steps_fn is not None and not any(evaluates(s) or checkpointer.due(s) for s in inside):
-        local = [next(train_iter) for _ in range(per_call)]
-        batches = sharding.to_global({k: np.stack([b[k] for b in local]) for k in local[0]}, stacked_sharding)
-        state, step_metrics = steps_fn(state, batches)
+      if steps_fn is not None and steps_in_call(step, config) > 1:
+        batches = stack_batches([next(train_iter) for _ in range(per_call)])
+        state, step_metrics = steps_fn(state, sharding.to_global(batches, stacked_sharding))
         count = per_call
       else:
         batch = sharding.to_global(next(train_iter), batch_sharding)
