@@ -188,9 +188,12 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
   # Imported here, not at the top: XLA_FLAGS (set by configure) must be in place before jax starts.
   import jax  # pylint: disable=g-import-not-at-top
 
-  from jaxcollab import run, sharding, train, workdir  # pylint: disable=g-import-not-at-top
+  from jaxcollab import run  # pylint: disable=g-import-not-at-top
 
+  # Before the training stack (orbax, matplotlib, tensorboardX) is imported: every config mistake
+  # is one sentence in well under a second.
   config = run.resolve(config, config_lib.override_keys(overrides))
+  from jaxcollab import sharding, train, workdir  # pylint: disable=g-import-not-at-top
   # Before anything touches a device: jax.distributed must start before the backends do.
   if args.distributed or args.coordinator_address or args.num_processes is not None or args.process_id is not None:
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, args.init_timeout)

@@ -92,6 +92,17 @@ class Stacked:
     self.train_step = jax.jit(
       step, in_shardings=(self.shardings, self.batch_sharding), out_shardings=(self.shardings, None), donate_argnums=0
     )
+    # train.steps_per_call > 1: that many vmapped steps unrolled in one call (see train.jit_train_steps).
+    self.per_call = run.config.train.steps_per_call
+    self.calls_sharding = _seed_axis(self.batch_sharding)
+
+    def steps(state, batches):
+      with sharding.activation_context(run.mesh, run.rules):
+        return jax.lax.scan(jax.vmap(train.train_step), state, batches, unroll=True)
+
+    self.train_steps = jax.jit(
+      steps, in_shardings=(self.shardings, self.calls_sharding), out_shardings=(self.shardings, None), donate_argnums=0
+    )
     self._unstack: Callable[[TrainState], list[TrainState]] | None = None
     self.evaluator = evaluate.Evaluator(run)
     self.eval_step = jax.jit(
@@ -120,10 +131,11 @@ class Stacked:
 
   def batch(self, local: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
     """The seeds' batches stacked on the seed axis, placed in one transfer."""
-    stacked = {k: np.stack([b[k] for b in local]) for k in local[0]}
-    if jax.process_count() == 1:
-      return jax.device_put(stacked, self.batch_sharding)
-    return sharding.to_global(stacked, self.batch_sharding)
+    return jax.device_put(train.stack_batches(local), self.batch_sharding)  # One process (why_not_vmapped).
+
+  def batches(self, rounds: list[list[dict[str, np.ndarray]]]) -> dict[str, jax.Array]:
+    """Several steps' batches, [step, seed, batch, ...], for `train_steps`."""
+    return jax.device_put(train.stack_batches([train.stack_batches(r) for r in rounds]), self.calls_sharding)
 
   def eval_sums(self, state: TrainState) -> list[dict[str, np.ndarray]]:
     """Each seed's eval sums (see `Evaluator.sums`), every eval batch evaluated for all seeds at once."""
@@ -224,20 +236,22 @@ def _loop(
     progress = metrics.Progress(config.train.steps, initial=start, enabled=False)
     s.logger = train.StepLogger(s.writer, progress, s.config, start, per_batch, unit)
 
-  pending = None  # (step, stacked device metrics) not yet pulled to the host.
+  pending = None  # (last step, device metrics stacked over [steps of the call,] seeds, count) not yet pulled.
 
   def flush():
     nonlocal pending
     if pending is None:
       return
-    step, device_metrics = pending
+    last, device_metrics, count = pending
     pending = None
     host = jax.device_get(device_metrics)  # One transfer for all seeds.
-    # Checked at every step, as train does; rows are built only on the steps that log them.
-    if step % config.train.log_every == 0 or step == config.train.steps or not np.isfinite(host["loss"]).all():
-      for i, s in enumerate(seeds):
-        s.logger.push(step, {k: v[i] for k, v in host.items()})
-        s.logger.flush()
+    per_step = [{k: v[j] for k, v in host.items()} for j in range(count)] if count else [host]
+    for step, row in zip(range(last - len(per_step) + 1, last + 1), per_step):
+      # Checked at every step, as train does; rows are built only on the steps that log them.
+      if step % config.train.log_every == 0 or step == config.train.steps or not np.isfinite(row["loss"]).all():
+        for i, s in enumerate(seeds):
+          s.logger.push(step, {k: v[i] for k, v in row.items()})
+          s.logger.flush()
 
   def evaluate_all(step):
     flush()
@@ -251,16 +265,20 @@ def _loop(
   step, sums, stopped = start, None, False
   finished = start >= config.train.steps
   while not finished:
-    batch = stacked.batch([next(s.train_iter) for s in seeds])
-    state, step_metrics = stacked.train_step(state, batch)
+    count = train.steps_in_call(step, config) if stacked.per_call > 1 else 1
+    if count > 1:
+      rounds = [[next(s.train_iter) for s in seeds] for _ in range(count)]
+      state, step_metrics = stacked.train_steps(state, stacked.batches(rounds))
+    else:
+      state, step_metrics = stacked.train_step(state, stacked.batch([next(s.train_iter) for s in seeds]))
     if step == start:
       stop.phase = stop_lib.TRAIN  # Compiled: from here a signal saves the step reached.
-    step += 1
+    step += count
     for s in seeds:
       if s.wd.segment is not None:
         s.wd.segment["end_step"] = step
     flush()
-    pending = (step, step_metrics)
+    pending = (step, step_metrics, count if count > 1 else 0)
     finished = step >= config.train.steps
     if step % config.train.eval_every == 0 or finished:
       sums = evaluate_all(step)

@@ -98,6 +98,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Several batches stacked on a new leading axis (one call of several steps): each split as one batch."""
+  return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
 def check_batch(global_batch: int, mesh: Mesh, key: str = "train.batch_size") -> None:
   """The global batch must split evenly over data x fsdp devices, and into one block per process."""
   ways = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -100,6 +100,34 @@ def jit_train_step_ahead(run: Run) -> tuple[Callable, Callable[[], None]]:
   return step, thread.join
 
 
+def jit_train_steps(run: Run, count: int) -> Callable:
+  """`count` train steps in one jitted call, over batches stacked on a leading axis; metrics stacked too.
+
+  The steps are unrolled rather than looped: XLA:CPU runs convolutions inside a while loop an order
+  of magnitude slower (cnn_digits: 45 ms against 2.5 ms a step), and unrolled the results equal
+  `count` calls of `jit_train_step` exactly for the MLP and the CNN (the GPT within 1e-6).
+  """
+  stacked = sharding.stacked_batch_sharding(run.mesh)
+
+  def steps(state: TrainState, batches: dict[str, jax.Array]):
+    with sharding.activation_context(run.mesh, run.rules):
+      return jax.lax.scan(train_step, state, batches, unroll=True)
+
+  return jax.jit(steps, in_shardings=(run.shardings, stacked), out_shardings=(run.shardings, None), donate_argnums=0)
+
+
+def steps_in_call(step: int, config: ConfigDict) -> int:
+  """Steps the next call runs after `step`: `train.steps_per_call`, or 1 where an eval or a save falls inside."""
+  t, every = config.train, config.checkpoint.every
+  inside = range(step + 1, step + t.steps_per_call)
+  return 1 if any(s % t.eval_every == 0 or s % every == 0 or s >= t.steps for s in inside) else t.steps_per_call
+
+
+def stack_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Host batches (or stacks of them) stacked on a new leading axis, key by key."""
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
 def _target_met(target: tuple[str, str, float] | None, result: dict[str, float]) -> bool:
   if target is None or target[0] not in result:
     return False
@@ -122,27 +150,43 @@ class StepLogger:
   ):
     self.writer, self.progress, self.config = writer, progress, config
     self.per_batch, self.unit = per_batch, unit
-    self.pending: tuple[int, dict[str, jax.Array]] | None = None  # (step, device metrics) not yet on the host.
-    self.last_step, self.last_time = start, time.perf_counter()
+    # (last step, device metrics, count) of the call not yet on the host.
+    self.pending: tuple[int, dict[str, jax.Array], int] | None = None
+    self.last_step, self.last_time = start, time.perf_counter()  # Of the newest row written.
+    self.flushed_step, self.flushed_time = start, self.last_time  # Of the newest call pulled.
 
-  def push(self, step: int, device_metrics: dict[str, jax.Array]) -> None:
-    """Records `step`'s metrics and pulls the previous step's, which has finished by now."""
+  def push(self, step: int, device_metrics: dict[str, jax.Array], count: int = 0) -> None:
+    """Records the metrics of the call that ended at `step` and pulls the previous call's, finished by now.
+
+    `count` > 0: the metrics are stacked over the `count` steps that end at `step`.
+    """
     self.flush()
-    self.pending = (step, device_metrics)
+    self.pending = (step, device_metrics, count)
 
   def flush(self) -> None:
     if self.pending is None:
       return
-    step, device_metrics = self.pending
+    last, device_metrics, count = self.pending
     self.pending = None
-    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    host = jax.device_get(device_metrics)
+    now, since = time.perf_counter(), self.flushed_step
+    # The steps of one call finish together: each is timed at its share of the call's interval.
+    at = lambda step: self.flushed_time + (now - self.flushed_time) * (step - since) / max(last - since, 1)
+    self.flushed_step, self.flushed_time = last, now
+    if not count:
+      self._row(last, {k: float(v) for k, v in host.items()}, now)
+      return
+    for i in range(count):
+      step = last - count + 1 + i
+      self._row(step, {k: float(v[i]) for k, v in host.items()}, at(step))
+
+  def _row(self, step: int, values: dict[str, float], now: float) -> None:
     if not math.isfinite(values["loss"]):
       raise NonFiniteLossError(
         f"The loss became {values['loss']} at step {step}; lower optimizer.learning_rate or set "
         "optimizer.grad_clip (finished checkpoints are kept)."
       )
     if step % self.config.train.log_every == 0 or step == self.config.train.steps:
-      now = time.perf_counter()
       values[self.unit] = (step - self.last_step) * self.per_batch / max(now - self.last_time, 1e-9)
       self.last_step, self.last_time = step, now
       self.writer.write(step, "train", values)
@@ -312,25 +356,35 @@ def _train(
     per_batch = config.train.batch_size * (1 if info.kind == "image" else info.seq_len)
     progress = metrics.Progress(config.train.steps, initial=start, every=config.train.log_every, enabled=is_main)
     logger = StepLogger(writer, progress, config, start, per_batch, unit)
+    per_call = config.train.steps_per_call
+    steps_fn = jit_train_steps(run, per_call) if per_call > 1 else None
     evaluator = evaluate.Evaluator(run)
     evaluator.stop = stop
     batch_sharding = sharding.batch_sharding(run.mesh)
+    stacked_sharding = sharding.stacked_batch_sharding(run.mesh)
+    evaluates = lambda s: s % config.train.eval_every == 0 or s >= config.train.steps
     finished = start >= config.train.steps
     stopped = False
     step = start
     compiled()  # Before the first call, which would otherwise compile the step a second time.
     while not finished:
-      batch = sharding.to_global(next(train_iter), batch_sharding)
-      state, step_metrics = step_fn(state, batch)
+      if steps_fn is not None and steps_in_call(step, config) > 1:
+        batches = stack_batches([next(train_iter) for _ in range(per_call)])
+        state, step_metrics = steps_fn(state, sharding.to_global(batches, stacked_sharding))
+        count = per_call
+      else:
+        batch = sharding.to_global(next(train_iter), batch_sharding)
+        state, step_metrics = step_fn(state, batch)
+        count = 0
       if step == start:  # Compiled and run once: an allocation failure is one sentence, and setup is over.
         state = ready(state, run, "at the first training step")
         stop.phase = stop_lib.TRAIN
-      step += 1
+      step += count or 1
       if wd.segment is not None:
         wd.segment["end_step"] = step
-      logger.push(step, step_metrics)
+      logger.push(step, step_metrics, count)
       finished = step >= config.train.steps
-      if step % config.train.eval_every == 0 or finished:
+      if evaluates(step):
         logger.flush()
         result = _evaluate(evaluator, state, stop)
         if result is not None:
@@ -339,8 +393,10 @@ def _train(
           if _target_met(target, result):
             logging.info("Target %r met at step %d (%s).", config.train.target, step, result)
             finished = True
-      # Every process asks at every step: on several hosts this is jax's preemption sync point.
-      stopped = (not finished and checkpointer.preempted(step)) or stop.requested
+      # Every process asks at every step (after a call of several, for each of them, all asked): on
+      # several hosts this is jax's preemption sync point, which may be any step.
+      stopped = not finished and any([checkpointer.preempted(s) for s in range(step - (count or 1) + 1, step + 1)])
+      stopped = stopped or stop.requested
       if finished or stopped or checkpointer.due(step):
         # Rows up to `step` reach metrics.jsonl before the step is saved, so a run killed after the
         # save and resumed from it logs exactly the rows an uninterrupted run logs.

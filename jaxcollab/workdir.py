@@ -35,6 +35,7 @@ RESUMABLE_KEYS = (
   "train.steps",
   "train.eval_every",
   "train.log_every",
+  "train.steps_per_call",
   "train.eval_batch_size",
   "train.target",
   "train.allow_changes",

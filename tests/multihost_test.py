@@ -94,6 +94,7 @@ def test_two_processes_train_like_one_and_a_single_device_process_reads_the_chec
     EXPERIMENT,
     *(f"--config.{o}" for o in OVERRIDES),
     "--config.train.steps=6",
+    "--config.train.steps_per_call=3",  # Stacked batches assembled from both processes (the reference: 1).
     "--workdir",
     workdir,
     "--coordinator_address",

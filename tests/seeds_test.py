@@ -75,10 +75,12 @@ def test_init_equals_each_runs_own_init():
 
 @pytest.mark.slow
 def test_plain_train_resumes_a_stopped_vmapped_seed(tmp_path):
-  configs = _configs("mlp_digits")  # 20 steps, checkpoints every 10.
+  # 20 steps, checkpoints every 10, five steps a call: the signal after step 10 stops them at 15.
+  configs = _configs("mlp_digits", "train.steps_per_call=5")
   workdirs = [str(tmp_path / f"v{i}") for i in range(2)]
   stop = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 10 else None
-  assert seeds.train_seeds(configs, workdirs, on_step=stop) == []  # Stopped, every seed saved step 10.
+  assert seeds.train_seeds(configs, workdirs, on_step=stop) == []  # Stopped, every seed saved its step.
+  assert all(os.path.isdir(os.path.join(w, "checkpoints", "15")) for w in workdirs)
   resumed = train.train_and_evaluate(configs[1], workdirs[1])  # `jaxcollab train` on one seed's workdir.
   whole = train.train_and_evaluate(configs[1], str(tmp_path / "whole"))
   np.testing.assert_allclose(list(resumed.values()), list(whole.values()), rtol=RTOL)

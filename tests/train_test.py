@@ -189,3 +189,19 @@ def test_tfds_experiments_train_end_to_end_under_mock_data(tmp_path, name):
   rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   assert [r["step"] for r in rows if r["split"] == "train"][-1] == config.train.steps
   assert ("accuracy" in result) == (name != "gpt_shakespeare")
+
+
+@pytest.mark.parametrize("name", ["mlp_digits", "cnn_digits"])
+def test_several_steps_per_call_equal_one_step_per_call(tmp_path, name):
+  """train.steps_per_call unrolls steps into one jitted call: every metrics row is the same, exactly."""
+  # eval_every=7 is no multiple of 4: the calls that would cross an evaluation run single steps.
+  common = ("train.steps=30", "train.eval_every=7", "train.log_every=3", "checkpoint.every=30", "train.batch_size=32")
+  rows = {}
+  for per_call in (1, 4):
+    workdir = tmp_path / str(per_call)
+    train.train_and_evaluate(smoke(name, *common, f"train.steps_per_call={per_call}"), str(workdir))
+    rows[per_call] = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert [r["step"] for r in rows[4] if r["split"] == "train"] == list(range(3, 31, 3))
+  assert all(0 < r["examples_per_s"] < math.inf for r in rows[4] if r["split"] == "train")
+  drop_rate = lambda rs: [{k: v for k, v in r.items() if k != "examples_per_s"} for r in rs]
+  assert drop_rate(rows[4]) == drop_rate(rows[1])

@@ -216,6 +216,23 @@ def _residual_std(c: GPTConfig) -> float:
   return 0.02 / math.sqrt(2 * c.num_layers)
 
 
+def xla_attention(
+  q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, mask_1x1xLxS: jax.Array
+) -> jax.Array:
+  """`jax.nn.dot_product_attention(..., mask=mask, implementation="xla")` written out: the same numbers.
+
+  jax's own builds the combined mask at the full [B, H, L, S] size and vmaps over a head-group axis;
+  XLA:CPU then copies the scores between layouts, and its forward and backward took 24 ms against
+  11 ms for this at gpt_pydocs' attention shape (B 32, L 128, H 4, K 32), bitwise equal in float32.
+  As jax's: logits and softmax in float32, probabilities cast back to the value dtype.
+  """
+  scale = jnp.float32(1 / math.sqrt(q_BxLxHxK.shape[-1]))
+  logits_BxHxLxS = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK, preferred_element_type=jnp.float32) * scale
+  logits_BxHxLxS = jnp.where(mask_1x1xLxS, logits_BxHxLxS, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
+  probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(v_BxSxHxK.dtype)
+  return jnp.einsum("bhls,bshk->blhk", probs_BxHxLxS, v_BxSxHxK)
+
+
 class CausalSelfAttention(nn.Module):
   """Multi-head causal attention; q/k/v heads and the output projection split over `tensor`."""
 
@@ -255,17 +272,19 @@ class CausalSelfAttention(nn.Module):
       mask_1x1xLxS = (jnp.arange(S)[None, :] <= i + jnp.arange(L)[:, None])[None, None]
       # Always XLA: cuDNN's causal mask is aligned at the top left, so a chunk at offset i > 0 needs this
       # explicit mask, which cuDNN would turn into a dense bias; one-token steps are memory-bound anyway.
-      out_BxLxHxK = jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_1x1xLxS, implementation="xla"
-      )
+      out_BxLxHxK = xla_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_1x1xLxS)
     else:
       if decode:  # First (init) call in decode mode: size the cache from this input's length.
         self.variable("cache", "key", jnp.zeros, k_BxLxHxK.shape, k_BxLxHxK.dtype)
         self.variable("cache", "value", jnp.zeros, v_BxLxHxK.shape, v_BxLxHxK.dtype)
         self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-      out_BxLxHxK = jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=c.attention
-      )
+      if c.attention == "cudnn":
+        out_BxLxHxK = jax.nn.dot_product_attention(
+          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation="cudnn"
+        )
+      else:
+        causal_1x1xLxL = jnp.tril(jnp.ones((L, L), bool))[None, None]
+        out_BxLxHxK = xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal_1x1xLxL)
 
     out_BLxHxK = nn.with_logical_constraint(out_BxLxHxK.reshape(B * L, H, K), ("batch", "heads", "kv"))
     return nn.Einsum(
