@@ -226,7 +226,7 @@ INIT_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {"cpu": {"xla_backend_optimiz
 def create_sharded(init_fn: Callable[[], PyTree], shardings: PyTree) -> PyTree:
   """Runs `init_fn` under jit with `out_shardings`, so each device makes only its own shard."""
   platforms = {d.platform for s in jax.tree.leaves(shardings) for d in s.device_set}
-  options = INIT_COMPILER_OPTIONS.get(platforms.pop(), {}) if len(platforms) == 1 else {}
+  options = INIT_COMPILER_OPTIONS.get(platforms.pop()) if len(platforms) == 1 else None
   return jax.jit(init_fn, out_shardings=shardings).lower().compile(compiler_options=options)()
 
 
