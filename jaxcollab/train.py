@@ -61,7 +61,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
   return new_state, out
 
 
-def jit_train_step(run: Run) -> Callable:
+def jit_train_step(run: Run) -> jax.stages.Wrapped:
   """`train_step` compiled once with the run's shardings, donating the old state."""
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
@@ -76,7 +76,7 @@ def jit_train_step(run: Run) -> Callable:
   )
 
 
-def jit_train_step_ahead(run: Run) -> tuple[Callable, Callable[[], None]]:
+def jit_train_step_ahead(run: Run) -> tuple[jax.stages.Wrapped, Callable[[], None]]:
   """`jit_train_step(run)`, compiling on a thread now; call the second function before the first step.
 
   The step is traced here from the run's abstract state and compiled by XLA on a thread (the GIL is
