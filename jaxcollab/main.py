@@ -194,6 +194,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
   # is one sentence in well under a second.
   config = run.resolve(config, config_lib.override_keys(overrides))
   from jaxcollab import sharding, train, workdir  # pylint: disable=g-import-not-at-top
+
   # Before anything touches a device: jax.distributed must start before the backends do.
   if args.distributed or args.coordinator_address or args.num_processes is not None or args.process_id is not None:
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, args.init_timeout)
