@@ -414,6 +414,10 @@ def test_two_writers_one_is_refused_and_the_workdir_stays_whole(tmp_path):
     assert f"Workdir {workdir} is in use by pid {first.pid}" in _one_sentence(second.stderr)
     assert first.poll() is None  # The first writer never noticed.
     assert set(before) <= set(snapshot(workdir / "checkpoints")) or not before
+    # Past its setup (a signal there exits at once, with nothing to save): a train row is written.
+    rows = workdir / records.METRICS_FILE
+    while not (rows.exists() and rows.stat().st_size) and time.time() < deadline and first.poll() is None:
+      time.sleep(0.05)
   finally:
     first.send_signal(signal.SIGTERM)
     _, first_err = first.communicate(timeout=120)
