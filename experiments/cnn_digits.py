@@ -5,7 +5,7 @@ The main job of the README: it runs offline on a laptop CPU on scikit-learn's 1,
 
   jaxcollab train --config experiments/cnn_digits.py --workdir runs/cnn_digits
 
-Expected: >= 98% test accuracy (99.2% measured) in about 12 s on a 2-core CPU.
+Expected: >= 98% test accuracy (99.2% measured) in about 7 s on a 2-core CPU (the whole process).
 `:smoke` shrinks it to a few seconds for tests.
 """
 
