@@ -178,6 +178,8 @@ def check_same_across_processes(value: str, what: str) -> None:
 
 def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Assembles each process's slice of the batch into one global array per key."""
+  if jax.process_count() == 1:  # The local batch is the global one: one transfer for every key.
+    return jax.device_put(local_batch, sharding)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
