@@ -356,11 +356,31 @@ def test_progress_on_a_terminal_reporting_0_columns_prints_lines(monkeypatch, ca
 # ---- Real processes: a full disk, two writers, a signal in setup, a read-only workdir ---------------
 
 
+def _train_argv(workdir, *flags, prefix=()) -> list[str]:
+  """`jaxcollab train` of mlp_digits:smoke into `workdir`, after a `prefix` command (ulimit, setpriv)."""
+  return [
+    *prefix,
+    sys.executable,
+    "-m",
+    "jaxcollab.main",
+    "train",
+    "--config",
+    "mlp_digits:smoke",
+    "--workdir",
+    str(workdir),
+    *flags,
+  ]
+
+
 def _process_train(workdir, *flags, prefix=(), timeout=300) -> subprocess.CompletedProcess:
-  argv = [*prefix, sys.executable, "-m", "jaxcollab.main", "train", "--config", "mlp_digits:smoke"]
-  argv += ["--workdir", str(workdir), *flags]
   return subprocess.run(
-    argv, env=runs.env(1), capture_output=True, text=True, timeout=timeout, cwd=runs.REPO, check=False
+    _train_argv(workdir, *flags, prefix=prefix),
+    env=runs.env(1),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    cwd=runs.REPO,
+    check=False,
   )
 
 
@@ -387,17 +407,7 @@ def test_two_writers_one_is_refused_and_the_workdir_stays_whole(tmp_path):
   workdir = tmp_path / "run"
   flags = ["--config.train.steps=100000", "--config.checkpoint.every=50"]
   first = subprocess.Popen(
-    [
-      sys.executable,
-      "-m",
-      "jaxcollab.main",
-      "train",
-      "--config",
-      "mlp_digits:smoke",
-      "--workdir",
-      str(workdir),
-      *flags,
-    ],
+    _train_argv(workdir, *flags),
     env=runs.env(1),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
@@ -462,21 +472,7 @@ def test_read_only_workdir_is_one_sentence(trained):
   shutil.copytree(trained, copy)
   before = snapshot(copy, ignore=())
   env = {**runs.env(1), "JAXCOLLAB_CACHE": "", "HOME": "/tmp", "PYTHONPATH": runs.REPO}
-  argv = [
-    "setpriv",
-    "--reuid=65534",
-    "--regid=65534",
-    "--clear-groups",
-    sys.executable,
-    "-m",
-    "jaxcollab.main",
-    "train",
-    "--config",
-    "mlp_digits:smoke",
-    "--workdir",
-    copy,
-    *SMOKE,
-  ]
+  argv = _train_argv(copy, *SMOKE, prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"))
   out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd="/tmp", check=False)
   assert out.returncode == 2, out.stderr
   line = _one_sentence(out.stderr)
@@ -505,28 +501,7 @@ def test_busy_workdir_stops_every_process_of_a_multi_process_run(tmp_path):
   try:
     port = multihost.free_port()
     logs = [str(tmp_path / f"process_{i}.log") for i in range(2)]
-    procs = [
-      multihost.start(
-        [
-          "train",
-          "--config",
-          multihost.EXPERIMENT,
-          "--workdir",
-          str(workdir),
-          "--coordinator_address",
-          f"127.0.0.1:{port}",
-          "--num_processes",
-          "2",
-          "--process_id",
-          str(i),
-          "--init_timeout",
-          "60",
-        ],
-        4,
-        logs[i],
-      )
-      for i in range(2)
-    ]
+    procs = [multihost.start(multihost.train_args(workdir, port, i), 4, logs[i]) for i in range(2)]
     assert multihost.finish(procs, logs, timeout=180) == [2, 2], [open(log).read()[-2000:] for log in logs]
   finally:
     holder.release()

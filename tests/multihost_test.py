@@ -43,6 +43,22 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def train_args(workdir, port: int, process_id: int, *flags: str, init_timeout: int = 60) -> list[str]:
+  """`jaxcollab train` arguments of process `process_id` of a 2-process EXPERIMENT run on 127.0.0.1:port."""
+  coordinator = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(process_id)]
+  return [
+    "train",
+    "--config",
+    EXPERIMENT,
+    "--workdir",
+    str(workdir),
+    *flags,
+    *coordinator,
+    "--init_timeout",
+    str(init_timeout),
+  ]
+
+
 def env(devices: int) -> dict[str, str]:
   # PYTHONFAULTHANDLER: a process stopped with SIGABRT after a timeout prints where it hung.
   return {
@@ -89,23 +105,12 @@ def test_two_processes_train_like_one_and_a_single_device_process_reads_the_chec
   workdir = str(tmp_path / "run")
   port = free_port()
   flags = [
-    "train",
-    "--config",
-    EXPERIMENT,
     *(f"--config.{o}" for o in OVERRIDES),
     "--config.train.steps=6",
     "--config.train.steps_per_call=3",  # Stacked batches assembled from both processes (the reference: 1).
-    "--workdir",
-    workdir,
-    "--coordinator_address",
-    f"127.0.0.1:{port}",
-    "--num_processes",
-    "2",
-    "--init_timeout",
-    "120",
   ]
   logs = [str(tmp_path / f"process_{i}.log") for i in range(2)]
-  procs = [start(flags + ["--process_id", str(i)], 4, logs[i]) for i in range(2)]
+  procs = [start(train_args(workdir, port, i, *flags, init_timeout=120), 4, logs[i]) for i in range(2)]
 
   # Meanwhile, the reference: this process's 8 devices, same mesh, two steps longer.
   config = config_lib.apply_overrides(config_lib.load_experiment(EXPERIMENT), OVERRIDES + ["train.steps=8"])
@@ -150,27 +155,8 @@ def test_unreachable_coordinator_and_missing_peer_exit_2_with_a_sentence(tmp_pat
   procs, logs = [], []
   for process_id in (1, 0):
     logs.append(str(tmp_path / f"process_{process_id}.log"))
-    procs.append(
-      start(
-        [
-          "train",
-          "--config",
-          EXPERIMENT,
-          "--workdir",
-          str(tmp_path / f"w{process_id}"),
-          "--coordinator_address",
-          f"127.0.0.1:{free_port()}",
-          "--num_processes",
-          "2",
-          "--process_id",
-          str(process_id),
-          "--init_timeout",
-          "5",
-        ],
-        4,
-        logs[-1],
-      )
-    )
+    args = train_args(tmp_path / f"w{process_id}", free_port(), process_id, init_timeout=5)
+    procs.append(start(args, 4, logs[-1]))
   began = time.monotonic()
   assert finish(procs, logs, timeout=60) == [2, 2], [open(log).read()[-2000:] for log in logs]
   assert time.monotonic() - began < 30
@@ -185,29 +171,7 @@ def test_processes_with_different_configs_stop_with_a_sentence(tmp_path):
   # A different override on one host would otherwise train two programs that hang on each other.
   port, workdir = free_port(), str(tmp_path / "run")
   logs = [str(tmp_path / f"process_{i}.log") for i in range(2)]
-  procs = [
-    start(
-      [
-        "train",
-        "--config",
-        EXPERIMENT,
-        "--workdir",
-        workdir,
-        f"--config.seed={i}",
-        "--coordinator_address",
-        f"127.0.0.1:{port}",
-        "--num_processes",
-        "2",
-        "--process_id",
-        str(i),
-        "--init_timeout",
-        "60",
-      ],
-      4,
-      logs[i],
-    )
-    for i in range(2)
-  ]
+  procs = [start(train_args(workdir, port, i, f"--config.seed={i}"), 4, logs[i]) for i in range(2)]
   assert finish(procs, logs, timeout=120) == [2, 2], [open(log).read()[-2000:] for log in logs]
   for log in logs:
     assert "The config differs between process 0 and process(es) [1]" in open(log).read()

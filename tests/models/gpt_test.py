@@ -143,8 +143,8 @@ def test_sequence_longer_than_context_is_a_clear_error():
     jax.eval_shape(lambda: build().init({"params": jax.random.key(0)}, tokens(length=17), train=False))
 
 
-def test_kv_cache_decoding_matches_the_full_forward_pass():
-  model, x, p = build(), tokens(), params()
+def decode_in_chunks(model, p, x, chunks: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, dict]:
+  """(full forward logits, logits of `x` fed through the KV cache in `chunks`, the final cache)."""
   full = jax.jit(lambda x: model.apply({"params": p}, x, train=False))(x)
   # Only the cache's shapes come from init; eval_shape skips computing parameters again.
   shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, x, train=False, decode=True))
@@ -153,12 +153,17 @@ def test_kv_cache_decoding_matches_the_full_forward_pass():
     lambda cache, x: model.apply({"params": p, "cache": cache}, x, train=False, decode=True, mutable=["cache"])
   )
   outs, start = [], 0
-  # A prompt first, then single tokens as a sampler feeds them, and a chunk at a non-zero index.
-  for n in (5, 1, 1, 3, 1, 1):
+  for n in chunks:
     logits, variables = step(cache, x[:, start : start + n])
     cache, start = variables["cache"], start + n
     outs.append(logits)
-  np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=1e-4, atol=1e-5)
+  return full, np.concatenate(outs, axis=1), cache
+
+
+def test_kv_cache_decoding_matches_the_full_forward_pass():
+  # A prompt first, then single tokens as a sampler feeds them, and a chunk at a non-zero index.
+  full, decoded, cache = decode_in_chunks(build(), params(), tokens(), (5, 1, 1, 3, 1, 1))
+  np.testing.assert_allclose(decoded, full, rtol=1e-4, atol=1e-5)
   assert int(cache["index"]) == L
 
 
@@ -338,19 +343,8 @@ def test_scanned_model_shards_on_a_mesh_like_the_unscanned_one():
 
 
 def test_scanned_kv_cache_decoding_matches_the_full_forward_pass():
-  model, x, p = build(scan_layers=True), tokens(), scanned_params()
-  full = jax.jit(lambda x: model.apply({"params": p}, x, train=False))(x)
-  shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, x, train=False, decode=True))
-  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
-  step = jax.jit(
-    lambda cache, x: model.apply({"params": p, "cache": cache}, x, train=False, decode=True, mutable=["cache"])
-  )
-  outs, start = [], 0
-  for n in (5, 1, 3, 1, 2):
-    logits, variables = step(cache, x[:, start : start + n])
-    cache, start = variables["cache"], start + n
-    outs.append(logits)
-  np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=1e-4, atol=1e-5)
+  full, decoded, _ = decode_in_chunks(build(scan_layers=True), scanned_params(), tokens(), (5, 1, 3, 1, 2))
+  np.testing.assert_allclose(decoded, full, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("tied", [True, False])
