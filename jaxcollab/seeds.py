@@ -280,7 +280,7 @@ def _loop(
     flush()
     pending = (step, step_metrics, count if count > 1 else 0)
     finished = step >= config.train.steps
-    if step % config.train.eval_every == 0 or finished:
+    if train.evaluates_at(step, config):
       sums = evaluate_all(step)
     stopped = not finished and (stop.requested or any(s.ckpt.preempted(step) for s in seeds))
     if finished or stopped or seeds[0].ckpt.due(step):

@@ -116,11 +116,17 @@ def jit_train_steps(run: Run, count: int) -> Callable:
   return jax.jit(steps, in_shardings=(run.shardings, stacked), out_shardings=(run.shardings, None), donate_argnums=0)
 
 
+def evaluates_at(step: int, config: ConfigDict) -> bool:
+  """Whether the loop evaluates after `step`: every `train.eval_every` steps and at the last."""
+  return step % config.train.eval_every == 0 or step >= config.train.steps
+
+
 def steps_in_call(step: int, config: ConfigDict) -> int:
   """Steps the next call runs after `step`: `train.steps_per_call`, or 1 where an eval or a save falls inside."""
-  t, every = config.train, config.checkpoint.every
-  inside = range(step + 1, step + t.steps_per_call)
-  return 1 if any(s % t.eval_every == 0 or s % every == 0 or s >= t.steps for s in inside) else t.steps_per_call
+  inside = range(step + 1, step + config.train.steps_per_call)
+  if any(evaluates_at(s, config) or s % config.checkpoint.every == 0 for s in inside):
+    return 1
+  return config.train.steps_per_call
 
 
 def stack_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -362,7 +368,6 @@ def _train(
     evaluator.stop = stop
     batch_sharding = sharding.batch_sharding(run.mesh)
     stacked_sharding = sharding.stacked_batch_sharding(run.mesh)
-    evaluates = lambda s: s % config.train.eval_every == 0 or s >= config.train.steps
     finished = start >= config.train.steps
     stopped = False
     step = start
@@ -384,7 +389,7 @@ def _train(
         wd.segment["end_step"] = step
       logger.push(step, step_metrics, count)
       finished = step >= config.train.steps
-      if evaluates(step):
+      if evaluates_at(step, config):
         logger.flush()
         result = _evaluate(evaluator, state, stop)
         if result is not None:
