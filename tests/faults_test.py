@@ -358,18 +358,7 @@ def test_progress_on_a_terminal_reporting_0_columns_prints_lines(monkeypatch, ca
 
 def _train_argv(workdir, *flags, prefix=()) -> list[str]:
   """`jaxcollab train` of mlp_digits:smoke into `workdir`, after a `prefix` command (ulimit, setpriv)."""
-  return [
-    *prefix,
-    sys.executable,
-    "-m",
-    "jaxcollab.main",
-    "train",
-    "--config",
-    "mlp_digits:smoke",
-    "--workdir",
-    str(workdir),
-    *flags,
-  ]
+  return [*prefix, *runs.train_command("mlp_digits.py:smoke", workdir), *flags]
 
 
 def _process_train(workdir, *flags, prefix=(), timeout=300) -> subprocess.CompletedProcess:
