@@ -359,3 +359,26 @@ def test_bf16_logits_come_out_of_a_float32_accumulation(tied):
   assert np.mean(rounded != logits) > 0.9
   full = np.asarray(jax.jit(lambda x: build(tied=tied).apply({"params": p}, x))(tokens()))
   np.testing.assert_allclose(logits, full, atol=0.1 * np.abs(full).max())
+
+
+@pytest.mark.parametrize("L", [8, 7])  # Two causal query blocks, and one (odd length).
+def test_causal_attention_and_its_backward_match_autodiff_of_xla_attention(L):
+  keys = jax.random.split(jax.random.key(5), 4)
+  q, k, v, dout = (jax.random.normal(key, (2, L, 3, 4)) for key in keys)
+  causal = jnp.tril(jnp.ones((L, L), bool))[None, None]
+  out, pull = jax.vjp(gpt_lib.causal_attention, q, k, v)
+  ref, ref_pull = jax.vjp(lambda q, k, v: gpt_lib.xla_attention(q, k, v, causal), q, k, v)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  for grad, ref_grad in zip(pull(dout), ref_pull(dout)):
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(16, 8), (8, 16)])  # Tall kernels take the transposed gradient dot.
+def test_dense_dot_general_has_autodiffs_gradients(shape):
+  x = jax.random.normal(jax.random.key(6), (32, shape[0]))
+  w = jax.random.normal(jax.random.key(7), shape)
+  dims = (((1,), (0,)), ((), ()))
+  ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(gpt_lib._dense_dot_general(x, w, dims))), (0, 1))(x, w)  # pylint: disable=protected-access
+  ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w)), (0, 1))(x, w)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
