@@ -96,8 +96,8 @@ def child_jax_gpt(size: str, steps: int, reps: int, cache_dir: str, started: flo
   config.train.batch_size = config.train.eval_batch_size = GPT_BATCH
   compiles = _compile_counter()
   run = run_lib.build(config)
-  step, compiled = train.jit_train_step_ahead(run)  # As `jaxcollab train` starts: beside the init.
-  state = run.init_state()
+  step, compiled, init_state = train.compile_ahead(run)  # As `jaxcollab train` starts (no checkpoint).
+  state = init_state()
   put = sharding.batch_sharding(run.mesh)
   it = run.dataset.train_iterator(batch_size=GPT_BATCH, seed=0)
   batches = [sharding.to_global(next(it), put) for _ in range(4)]

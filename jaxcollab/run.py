@@ -118,6 +118,10 @@ class Run:
     """The initial state, born sharded: every device makes only its own shard."""
     return sharding.create_sharded(self.init_fn, self.shardings)
 
+  def init_state_ahead(self) -> Callable[[], TrainState]:
+    """`init_state` compiling on a thread from now; call the result for the state."""
+    return sharding.create_sharded_ahead(self.init_fn, self.shardings)
+
 
 def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Run:
   """Checks the config and layout, then makes the dataset, model, mesh and abstract sharded state.
