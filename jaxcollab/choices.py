@@ -1,10 +1,10 @@
 """The names each registry accepts, and the checks that need only names, all before jax is imported.
 
-`dataset.name`, `model.activation`, `loss.name`, `optimizer.name` and `optimizer.schedule` are
-checked here, so a mistake in any of them is one sentence before the training stack (jax, flax,
-optax, grain: ~0.7 s) starts. The registries that hold the functions (`data.DATASETS`,
-`models.activations.ACTIVATIONS`, `losses.LOSSES`, `optim.OPTIMIZERS`, `optim.SCHEDULES`) have
-exactly these names; their tests say so.
+`dataset.name`, `model.activation`, `loss.name`, `optimizer.name`, `optimizer.schedule` and the
+metrics that `train.target` and `checkpoint.best_metric` name are checked here, so a mistake in any
+of them is one sentence before the training stack (jax, flax, optax, grain: ~0.7 s) starts. The
+registries that hold the functions (`data.DATASETS`, `models.activations.ACTIVATIONS`,
+`losses.LOSSES`, `optim.OPTIMIZERS`, `optim.SCHEDULES`) have exactly these names; their tests say so.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ LOSSES = ("cross_entropy", "mse", "label_smoothing", "next_token")
 TEXT_LOSSES = ("next_token",)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine")
+# What evaluation reports per dataset kind: the metrics train.target and checkpoint.best_metric may name.
+EVAL_METRICS = {"image": ("loss", "accuracy"), "text": ("loss", "perplexity", "bits_per_byte")}
 
 
 def lookup(names: tuple[str, ...], key: str, name: str) -> str:
@@ -89,4 +91,19 @@ def check_optimizer(opt_config: ml_collections.ConfigDict, total_steps: int) -> 
     raise ConfigError(
       f"optimizer.warmup_steps ({opt_config.warmup_steps}) leaves no room for the cosine decay in "
       f"train.steps ({total_steps}) with accumulate_steps {k}; shorten the warmup or train longer."
+    )
+
+
+def check_metrics(config: ml_collections.ConfigDict, kind: str) -> None:
+  """A ConfigError when train.target or checkpoint.best_metric names a metric a `kind` run never reports."""
+  target = config_lib.parse_target(config.train.target)
+  if target and target[0] not in EVAL_METRICS[kind]:
+    raise ConfigError(
+      f"train.target names {target[0]!r}, which this run never reports; use one of {', '.join(EVAL_METRICS[kind])}."
+    )
+  best = config.checkpoint.best_metric
+  if best and best not in EVAL_METRICS[kind]:
+    raise ConfigError(
+      f"checkpoint.best_metric {best!r} is not an eval metric of this run; "
+      f"choose one of {', '.join(EVAL_METRICS[kind])} or ''."
     )

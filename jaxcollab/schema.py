@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from jaxcollab import choices, models
+from jaxcollab import choices, models, workdir
 from jaxcollab import config as config_lib
 from jaxcollab.config import ConfigDict
 from jaxcollab.errors import ConfigError
@@ -32,4 +32,6 @@ def resolve(config: ConfigDict, overridden: Collection[str] = (), drop_unread: b
     )
   choices.check_loss(config.loss, task)
   choices.check_optimizer(config.optimizer, config.train.steps)
+  choices.check_metrics(config, spec.kind)
+  workdir.parse_allow_changes(config.train.allow_changes, config)
   return config

@@ -25,7 +25,7 @@ from jaxcollab import run as run_lib
 from jaxcollab import stop as stop_lib
 from jaxcollab import workdir as workdir_lib
 from jaxcollab.config import ConfigDict
-from jaxcollab.errors import LOG_FILE, ConfigError, NonFiniteLossError, UserError, os_cause
+from jaxcollab.errors import LOG_FILE, NonFiniteLossError, UserError, os_cause
 from jaxcollab.run import Run, TrainState
 
 PyTree = Any
@@ -273,14 +273,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, use_nonempty_workdir
   """
   with stop_lib.Stop(enabled=jax.process_count() == 1) as stop:
     run = run_lib.build(config)
-    config, info = run.config, run.dataset.info
-    target = config_lib.parse_target(config.train.target)
-    if target and target[0] not in checkpoint.EVAL_METRICS[info.kind]:
-      raise ConfigError(
-        f"train.target names {target[0]!r}, which this run never reports; use one of "
-        f"{', '.join(checkpoint.EVAL_METRICS[info.kind])}."
-      )
-    workdir_lib.parse_allow_changes(config.train.allow_changes, config)
+    config = run.config
+    target = config_lib.parse_target(config.train.target)  # Its metric was checked with the config (schema).
     check_memory(run)
     is_main = jax.process_index() == 0
     wd = _open_workdir(workdir, is_main, use_nonempty_workdir)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxcollab import choices, data, losses, optim
+from jaxcollab import checkpoint, choices, data, losses, optim
 from jaxcollab.errors import ConfigError
 from jaxcollab.models import activations
 
@@ -14,6 +14,7 @@ def test_names_match_the_registries():
   assert set(choices.OPTIMIZERS) == set(optim.OPTIMIZERS)
   assert set(choices.SCHEDULES) == set(optim.SCHEDULES)
   assert data.DATASETS is choices.DATASETS
+  assert checkpoint.EVAL_METRICS is choices.EVAL_METRICS
 
 
 def test_lookup_names_the_key_and_the_closest_name():

@@ -29,6 +29,9 @@ MISTAKES = [
   ("mlp_digits", "model.hidden=-1", "model.hidden must be a positive integer"),
   ("cnn_digits", "model.features=(8,0)", "model.features must be a non-empty tuple"),
   ("mlp_digits", "model.depth=19", "Model 'mlp' does not read model.depth"),
+  ("mlp_digits", "train.target=perplexity <= 3", "train.target names 'perplexity', which this run never reports"),
+  ("gpt_pydocs", "checkpoint.best_metric=acuracy", "checkpoint.best_metric 'acuracy' is not an eval metric"),
+  ("gpt_pydocs", "train.allow_changes=optimizer.lr", "train.allow_changes names 'optimizer.lr'"),
 ]
 
 
