@@ -22,6 +22,7 @@ import optax
 from jaxcollab import config as config_lib
 from jaxcollab import data, losses, models, optim, sharding
 from jaxcollab.config import ConfigDict
+from jaxcollab.data import augment
 from jaxcollab.schema import resolve  # Checks the config before jax starts; run.resolve for callers.
 
 PyTree = Any
@@ -73,11 +74,18 @@ def example_batch(info: data.DatasetInfo) -> dict[str, np.ndarray]:
   }
 
 
-def abstract_batch(info: data.DatasetInfo, batch_size: int, batch_sharding: jax.sharding.Sharding) -> PyTree:
-  """Shapes, dtypes and sharding of a global batch of `batch_size`, for compiling before the first batch exists."""
+def abstract_batch(
+  info: data.DatasetInfo, batch_size: int, batch_sharding: jax.sharding.Sharding, augments: bool = False
+) -> PyTree:
+  """Shapes, dtypes and sharding of a global batch of `batch_size`, for compiling before the first batch exists.
+
+  `augments`: a train batch carrying augmentation draws (`Dataset.augments`).
+  """
+  example = example_batch(info)
+  if augments:
+    example[augment.KEY] = augment.draws(0, np.zeros(1, np.int64), example["image"].shape[1])
   return {
-    k: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype, sharding=batch_sharding)
-    for k, x in example_batch(info).items()
+    k: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype, sharding=batch_sharding) for k, x in example.items()
   }
 
 

@@ -25,6 +25,7 @@ from jaxcollab import run as run_lib
 from jaxcollab import stop as stop_lib
 from jaxcollab import workdir as workdir_lib
 from jaxcollab.config import ConfigDict
+from jaxcollab.data import augment
 from jaxcollab.errors import LOG_FILE, NonFiniteLossError, UserError, os_cause
 from jaxcollab.run import Run, TrainState
 
@@ -34,6 +35,7 @@ PyTree = Any
 def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
   """One micro-step: gradients of the masked mean loss, an optimizer update, and health metrics."""
   rng = jax.random.fold_in(state.rng, state.step)  # Same numbers at step N whether resumed or not.
+  batch = augment.apply_to_batch(batch)  # Images move here, by the draws the pipeline made.
   mask = batch["mask"]
 
   def loss_of(params):
@@ -86,7 +88,9 @@ def jit_train_step_ahead(run: Run) -> tuple[jax.stages.Wrapped, Callable[[], Non
   loop handles errors.
   """
   step = jit_train_step(run)
-  batch = run_lib.abstract_batch(run.dataset.info, run.config.train.batch_size, sharding.batch_sharding(run.mesh))
+  batch = run_lib.abstract_batch(
+    run.dataset.info, run.config.train.batch_size, sharding.batch_sharding(run.mesh), run.dataset.augments
+  )
   lowered = step.lower(sharding.with_shardings(run.abstract_state, run.shardings), batch)
 
   def compile_quietly() -> None:
