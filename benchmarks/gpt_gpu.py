@@ -455,11 +455,11 @@ def speed(args: argparse.Namespace) -> None:
   result["peak"] = peak
   print(f"peak: {peak}", flush=True)
   config = _jax_config(shape)  # Imports only the config machinery; the parent never starts a backend.
-  from jaxcollab.models import gpt
+  from jaxcollab.models import gpt_config
 
   seq, o = config.dataset.seq_len, config.optimizer
   hf = {
-    "dims": {"vocab": 256, **gpt.dims(config.model)},
+    "dims": {"vocab": 256, **gpt_config.dims(config.model)},
     "seq": seq,
     "lr": o.learning_rate,
     "b2": o.b2,

@@ -28,8 +28,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from jaxcollab import choices, pytree, runtime
 from jaxcollab import config as config_lib
-from jaxcollab import pytree, runtime
 from jaxcollab.config import ConfigDict
 from jaxcollab.errors import LOG_FILE, CheckpointError, CorruptCheckpointError, os_cause
 
@@ -41,9 +41,9 @@ CHECKSUMS = "checksums.json"
 TRASH = ".deleted"
 # orbax rewrites these two after our checksums are taken (commit timestamp, commit marker).
 _ORBAX_LATE_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
-# What `evaluate.summarize` reports per dataset kind; checked before training so a typo in
-# checkpoint.best_metric fails at once instead of at the first save.
-EVAL_METRICS = {"image": ("loss", "accuracy"), "text": ("loss", "perplexity", "bits_per_byte")}
+# What `evaluate.summarize` reports per dataset kind; checked with the config, before jax starts, so a
+# typo in checkpoint.best_metric fails at once instead of at the first save.
+EVAL_METRICS = choices.EVAL_METRICS
 
 
 def state_tree(state) -> dict[str, PyTree]:

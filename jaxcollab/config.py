@@ -1,9 +1,9 @@
 """Experiment configs: the schema of the shared keys, loading, CLI overrides, JSON and the generic checks.
 
 Every experiment file starts from `defaults()` and changes what it needs. The `model` section holds
-only the keys every model reads (name, activation, dtype); each `models/<name>.py` declares the rest
-of its own fields, and `jaxcollab.run.resolve` completes and checks them. Everything here runs before
-jax is imported, so a typo in a shared key is reported at once, with one sentence naming the key.
+only the keys every model reads (name, activation, dtype); each model's config part
+(`models/<name>_config.py`) declares the rest of its own fields, and `jaxcollab.schema.resolve` completes
+and checks them. Nothing here imports jax, so a typo in any key is reported at once, in one sentence.
 """
 
 from __future__ import annotations
@@ -289,7 +289,7 @@ def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
   """Applies `a.b=value` strings (from `--config.a.b=value`), type-checked against the schema.
 
   Model-specific keys are parsed as literals here and checked against their model's fields by
-  `jaxcollab.run.resolve`, which knows which model reads them.
+  `jaxcollab.schema.resolve`, which knows which model reads them.
   """
   schema = flat(defaults())
   config = ConfigDict(config.to_dict())
@@ -335,7 +335,7 @@ def validate(config: ConfigDict) -> ConfigDict:
   """Checks the shared keys' types and ranges; returns the config with missing shared keys at their defaults.
 
   Names in registries (dataset, model, loss, optimizer) and the model's own fields are checked by
-  their owners in `jaxcollab.run.resolve`, after this.
+  their owners in `jaxcollab.schema.resolve`, after this.
   """
   check_keys(config)
   full = defaults()

@@ -18,7 +18,6 @@ import ml_collections
 import optax
 
 from jaxcollab import config as config_lib
-from jaxcollab.errors import ConfigError
 
 LossFn = Callable[[jax.Array, dict], jax.Array]
 
@@ -79,29 +78,14 @@ def next_token(logits_BxLxV: jax.Array, batch: dict) -> jax.Array:
   return _masked(optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL), batch)
 
 
-# Name -> builder from the `loss` config section to a loss function.
+# Name -> builder from the `loss` config section to a loss function; the names are choices.LOSSES, checked
+# (with the task each fits) before jax starts.
 LOSSES: dict[str, Callable[[ml_collections.ConfigDict], LossFn]] = {
   "cross_entropy": lambda config: cross_entropy,
   "mse": lambda config: mse,
   "label_smoothing": lambda config: label_smoothing(float(config.label_smoothing)),
   "next_token": lambda config: next_token,
 }
-
-
-# Losses that train language models on next-token targets; every other loss trains classifiers.
-TEXT_LOSSES = ("next_token",)
-
-
-def check(loss_config: ml_collections.ConfigDict, task: str) -> None:
-  """A ConfigError when `loss.name` is unknown or does not fit the model's task ("image" or "text")."""
-  config_lib.lookup(LOSSES, "loss.name", loss_config.name)
-  if task == "text" and loss_config.name not in TEXT_LOSSES:
-    raise ConfigError(f"loss.name must be 'next_token' for the gpt model, got {loss_config.name!r}.")
-  if task == "image" and loss_config.name in TEXT_LOSSES:
-    raise ConfigError(
-      f"loss.name {loss_config.name!r} is for the gpt model; use cross_entropy, mse or "
-      "label_smoothing for a classifier."
-    )
 
 
 def get_loss(loss_config: ml_collections.ConfigDict) -> LossFn:

@@ -10,7 +10,7 @@ import time
 
 import jaxcollab
 from jaxcollab import config as config_lib
-from jaxcollab import runtime
+from jaxcollab import runtime, schema
 from jaxcollab.errors import UserError
 
 
@@ -182,17 +182,14 @@ def _env_int(name: str) -> int | None:
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> None:
-  # The shared keys are checked before jax is imported, so a typo is reported in well under a second.
-  config = config_lib.validate(config_lib.apply_overrides(config_lib.load_experiment(args.config), overrides))
+  # The whole config is checked before jax is imported: every config mistake is one sentence in well
+  # under a second (tests/schema_test.py).
+  config = config_lib.apply_overrides(config_lib.load_experiment(args.config), overrides)
+  config = schema.resolve(config, config_lib.override_keys(overrides))
   runtime.configure()
   # Imported here, not at the top: XLA_FLAGS (set by configure) must be in place before jax starts.
   import jax  # pylint: disable=g-import-not-at-top
 
-  from jaxcollab import run  # pylint: disable=g-import-not-at-top
-
-  # Before the training stack (orbax, matplotlib, tensorboardX) is imported: every config mistake
-  # is one sentence in well under a second.
-  config = run.resolve(config, config_lib.override_keys(overrides))
   from jaxcollab import sharding, train, workdir  # pylint: disable=g-import-not-at-top
 
   # Before anything touches a device: jax.distributed must start before the backends do.

@@ -15,8 +15,8 @@ import jax
 import ml_collections
 import optax
 
+from jaxcollab import choices
 from jaxcollab import config as config_lib
-from jaxcollab.errors import ConfigError
 
 PyTree = Any
 
@@ -38,7 +38,8 @@ def _warmup_cosine(opt_config: ml_collections.ConfigDict, total_updates: int) ->
   )
 
 
-# Name -> (optimizer config, number of optimizer updates) -> schedule of the update count.
+# Name -> (optimizer config, number of optimizer updates) -> schedule of the update count; the names are
+# choices.SCHEDULES, checked before jax starts.
 SCHEDULES: dict[str, Callable[[ml_collections.ConfigDict, int], optax.Schedule]] = {
   "constant": _constant,
   "warmup_cosine": _warmup_cosine,
@@ -66,7 +67,8 @@ def _sgd(c: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTran
   return optax.sgd(lr, momentum=c.momentum or None, nesterov=c.nesterov)
 
 
-# Name -> (optimizer config, learning-rate schedule) -> gradient transformation.
+# Name -> (optimizer config, learning-rate schedule) -> gradient transformation; the names are
+# choices.OPTIMIZERS, checked before jax starts.
 OPTIMIZERS: dict[str, Callable[[ml_collections.ConfigDict, optax.Schedule], optax.GradientTransformation]] = {
   "adam": _adam,
   "adamw": _adamw,
@@ -79,28 +81,11 @@ def make_schedule(opt_config: ml_collections.ConfigDict, total_updates: int) -> 
   return config_lib.lookup(SCHEDULES, "optimizer.schedule", opt_config.schedule)(opt_config, total_updates)
 
 
-def check(opt_config: ml_collections.ConfigDict, total_steps: int) -> None:
-  """A ConfigError for an unknown optimizer or schedule, or a schedule that cannot fit `total_steps`."""
-  config_lib.lookup(OPTIMIZERS, "optimizer.name", opt_config.name)
-  config_lib.lookup(SCHEDULES, "optimizer.schedule", opt_config.schedule)
-  k = opt_config.get("accumulate_steps", 1)
-  total_updates = total_steps // k
-  if total_updates < 1:
-    raise ConfigError(
-      f"train.steps ({total_steps}) must be at least optimizer.accumulate_steps ({k}), or the optimizer never updates."
-    )
-  if opt_config.schedule == "warmup_cosine" and -(-opt_config.warmup_steps // k) >= total_updates:
-    raise ConfigError(
-      f"optimizer.warmup_steps ({opt_config.warmup_steps}) leaves no room for the cosine decay in "
-      f"train.steps ({total_steps}) with accumulate_steps {k}; shorten the warmup or train longer."
-    )
-
-
 def make_optimizer(
   opt_config: ml_collections.ConfigDict, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optimizer, schedule) for `total_steps` micro-steps; the schedule takes the update count."""
-  check(opt_config, total_steps)
+  choices.check_optimizer(opt_config, total_steps)
   k = opt_config.get("accumulate_steps", 1)
   total_updates = total_steps // k
   schedule = make_schedule(opt_config, total_updates)

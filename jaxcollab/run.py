@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -22,7 +22,8 @@ import optax
 from jaxcollab import config as config_lib
 from jaxcollab import data, losses, models, optim, sharding
 from jaxcollab.config import ConfigDict
-from jaxcollab.errors import ConfigError
+from jaxcollab.data import augment
+from jaxcollab.schema import resolve  # Checks the config before jax starts; run.resolve for callers.
 
 PyTree = Any
 Batch = dict[str, Any]
@@ -73,11 +74,18 @@ def example_batch(info: data.DatasetInfo) -> dict[str, np.ndarray]:
   }
 
 
-def abstract_batch(info: data.DatasetInfo, batch_size: int, batch_sharding: jax.sharding.Sharding) -> PyTree:
-  """Shapes, dtypes and sharding of a global batch of `batch_size`, for compiling before the first batch exists."""
+def abstract_batch(
+  info: data.DatasetInfo, batch_size: int, batch_sharding: jax.sharding.Sharding, augments: bool = False
+) -> PyTree:
+  """Shapes, dtypes and sharding of a global batch of `batch_size`, for compiling before the first batch exists.
+
+  `augments`: a train batch carrying augmentation draws (`Dataset.augments`).
+  """
+  example = example_batch(info)
+  if augments:
+    example[augment.KEY] = augment.draws(0, np.zeros(1, np.int64), example["image"].shape[1])
   return {
-    k: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype, sharding=batch_sharding)
-    for k, x in example_batch(info).items()
+    k: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype, sharding=batch_sharding) for k, x in example.items()
   }
 
 
@@ -101,27 +109,6 @@ def forward(
   return out, state.batch_stats
 
 
-def resolve(config: ConfigDict, overridden: Collection[str] = (), drop_unread: bool = False) -> ConfigDict:
-  """The complete, checked config: shared keys (config), then each component's own keys and names.
-
-  `overridden` are the keys set on the command line (`config.override_keys`), so that a model key
-  the chosen model does not read is refused when the user asked for it.
-  """
-  config = config_lib.validate(config)
-  config = models.resolve(config, overridden, drop_unread)
-  spec = data.check(config.dataset)
-  task = models.get(config.model.name).TASK
-  if spec.kind != task:
-    kind = "a text" if spec.kind == "text" else "an image"
-    raise ConfigError(
-      f"Model {config.model.name!r} cannot train on {kind} dataset {config.dataset.name!r}; use "
-      "model.name=gpt for text and mlp/cnn/resnet for images."
-    )
-  losses.check(config.loss, task)
-  optim.check(config.optimizer, config.train.steps)
-  return config
-
-
 @dataclasses.dataclass
 class Run:
   """What a run is built from; shared by training, evaluation and reloading."""
@@ -138,6 +125,10 @@ class Run:
   def init_state(self) -> TrainState:
     """The initial state, born sharded: every device makes only its own shard."""
     return sharding.create_sharded(self.init_fn, self.shardings)
+
+  def init_state_ahead(self) -> Callable[[], TrainState]:
+    """`init_state` compiling on a thread from now; call the result for the state."""
+    return sharding.create_sharded_ahead(self.init_fn, self.shardings)
 
 
 def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Run:
@@ -193,6 +184,6 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Ru
 
   param_specs = sharding.logical_specs(jax.eval_shape(boxed_variables))["params"]
   abstract = jax.eval_shape(init_fn)
-  sharding.check_params(param_specs, abstract.params, mesh, rules, models.get(config.model.name).AXIS_KEYS)
+  sharding.check_params(param_specs, abstract.params, mesh, rules, models.config_part(config.model.name).AXIS_KEYS)
   shardings = sharding.to_shardings(sharding.state_specs(abstract, param_specs), mesh, rules)
   return Run(config, dataset, model, mesh, rules, abstract, shardings, init_fn)

@@ -227,9 +227,36 @@ INIT_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {"cpu": {"xla_backend_optimiz
 
 def create_sharded(init_fn: Callable[[], PyTree], shardings: PyTree) -> PyTree:
   """Runs `init_fn` under jit with `out_shardings`, so each device makes only its own shard."""
+  return create_sharded_ahead(init_fn, shardings)()
+
+
+def create_sharded_ahead(init_fn: Callable[[], PyTree], shardings: PyTree) -> Callable[[], PyTree]:
+  """`create_sharded`, its program lowered now and compiled on a thread; call the result for the state.
+
+  XLA frees the GIL while it compiles, so the caller can trace other programs meanwhile; calling the
+  result waits for the compilation and raises its error, if any.
+  """
   platforms = {d.platform for s in jax.tree.leaves(shardings) for d in s.device_set}
   options = INIT_COMPILER_OPTIONS.get(platforms.pop()) if len(platforms) == 1 else None
-  return jax.jit(init_fn, out_shardings=shardings).lower().compile(compiler_options=options)()
+  lowered = jax.jit(init_fn, out_shardings=shardings).lower()
+  done: dict[str, Any] = {}
+
+  def compile_() -> None:
+    try:
+      done["program"] = lowered.compile(compiler_options=options)
+    except Exception as e:  # Raised by the caller, in its own thread.
+      done["error"] = e
+
+  thread = threading.Thread(target=compile_, name="compile init")
+  thread.start()
+
+  def run() -> PyTree:
+    thread.join()
+    if "error" in done:
+      raise done["error"]
+    return done["program"]()
+
+  return run
 
 
 @contextlib.contextmanager

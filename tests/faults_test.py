@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 
+import portpicker
 import pytest
 
 import checkpoint_runs as runs
@@ -488,7 +489,7 @@ def test_busy_workdir_stops_every_process_of_a_multi_process_run(tmp_path):
   holder = workdir_lib.Lock(str(workdir))
   holder.acquire()
   try:
-    port = multihost.free_port()
+    port = portpicker.pick_unused_port()
     logs = [str(tmp_path / f"process_{i}.log") for i in range(2)]
     procs = [multihost.start(multihost.train_args(workdir, port, i), 4, logs[i]) for i in range(2)]
     assert multihost.finish(procs, logs, timeout=180) == [2, 2], [open(log).read()[-2000:] for log in logs]

@@ -18,6 +18,7 @@ LAYERS = {
   "runtime": 1,
   "records": 1,
   "stop": 1,
+  "choices": 1.5,  # Registry names and the checks that need only them (no jax); the components import them.
   "data": 2,
   "models": 2,
   "losses": 2,
@@ -28,6 +29,7 @@ LAYERS = {
   "workdir": 2,
   "plots": 3,
   "bundle": 3,
+  "schema": 3,  # The whole config checked before jax: config, models, choices.
   "run": 4,
   "reload": 5,
   "evaluate": 6,

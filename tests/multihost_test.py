@@ -9,13 +9,13 @@ single-device process. Also the ways joining can fail: each must exit 2 with one
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
+import portpicker
 import pytest
 
 from jaxcollab import config as config_lib
@@ -35,12 +35,6 @@ OVERRIDES = [
   "train.eval_every=3",
   "checkpoint.every=3",
 ]
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def train_args(workdir, port: int, process_id: int, *flags: str, init_timeout: int = 60) -> list[str]:
@@ -103,7 +97,7 @@ def losses(rows_: list[dict], split: str = "train") -> dict[int, float]:
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_a_single_device_process_reads_the_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
-  port = free_port()
+  port = portpicker.pick_unused_port()
   flags = [
     *(f"--config.{o}" for o in OVERRIDES),
     "--config.train.steps=6",
@@ -155,7 +149,7 @@ def test_unreachable_coordinator_and_missing_peer_exit_2_with_a_sentence(tmp_pat
   procs, logs = [], []
   for process_id in (1, 0):
     logs.append(str(tmp_path / f"process_{process_id}.log"))
-    args = train_args(tmp_path / f"w{process_id}", free_port(), process_id, init_timeout=5)
+    args = train_args(tmp_path / f"w{process_id}", portpicker.pick_unused_port(), process_id, init_timeout=5)
     procs.append(start(args, 4, logs[-1]))
   began = time.monotonic()
   assert finish(procs, logs, timeout=60) == [2, 2], [open(log).read()[-2000:] for log in logs]
@@ -169,7 +163,7 @@ def test_unreachable_coordinator_and_missing_peer_exit_2_with_a_sentence(tmp_pat
 
 def test_processes_with_different_configs_stop_with_a_sentence(tmp_path):
   # A different override on one host would otherwise train two programs that hang on each other.
-  port, workdir = free_port(), str(tmp_path / "run")
+  port, workdir = portpicker.pick_unused_port(), str(tmp_path / "run")
   logs = [str(tmp_path / f"process_{i}.log") for i in range(2)]
   procs = [start(train_args(workdir, port, i, f"--config.seed={i}"), 4, logs[i]) for i in range(2)]
   assert finish(procs, logs, timeout=120) == [2, 2], [open(log).read()[-2000:] for log in logs]

@@ -8,12 +8,12 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import portpicker
 import pytest
 
 import checkpoint_runs as runs
@@ -144,15 +144,9 @@ def _two_processes(workdir: str, port: int) -> list[runs.Process]:
   ]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
   workdir = str(tmp_path / "run")
-  procs = _two_processes(workdir, _free_port())
+  procs = _two_processes(workdir, portpicker.pick_unused_port())
   procs[0].wait_until(lambda: any(s >= 20 for s in _finished(workdir)))
   procs[1].signal(signal.SIGTERM)  # jax's preemption notifier tells process 0 too.
   assert [p.wait() for p in procs] == [0, 0], procs[0].output()[-2000:] + procs[1].output()[-2000:]
@@ -162,7 +156,7 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
   assert step in _finished(workdir) and step < 120
   data = os.listdir(os.path.join(runs.checkpoints(workdir), str(step), "data"))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data)
-  procs = _two_processes(workdir, _free_port())
+  procs = _two_processes(workdir, portpicker.pick_unused_port())
   assert [p.wait() for p in procs] == [0, 0], procs[0].output()[-2000:] + procs[1].output()[-2000:]
   assert all(f"Resuming from step {step} " in p.output() for p in procs)
   assert 120 in _finished(workdir)

@@ -1,5 +1,6 @@
-"""XLA flags per platform: ours are added once, the user's win, and every GPU flag parses in this jaxlib."""
+"""XLA flags per platform: ours are added once, the user's win, and every GPU flag parses in this jaxlib; GC."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -51,3 +52,9 @@ def test_gpu_flags_are_opt_in_and_only_with_cuda(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "")
   runtime.set_xla_flags()  # Still "1": without jax's CUDA plugin there is no GPU backend to read them.
   assert os.environ["XLA_FLAGS"].split() == list(runtime.CPU_FLAGS)
+
+
+def test_configure_collects_young_objects_less_often():
+  # The CLI and tests run configure (conftest); full collections over jax's objects cost ~0.27 s of a cold start.
+  runtime.configure(log_level=None)  # As conftest and the CLI call it.
+  assert gc.get_threshold() == runtime.GC_THRESHOLDS and runtime.GC_THRESHOLDS[0] > 700

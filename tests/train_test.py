@@ -11,6 +11,7 @@ import pytest
 from jaxcollab import config as config_lib
 from jaxcollab import data, evaluate, sharding, train
 from jaxcollab import run as run_lib
+from jaxcollab.data import augment
 from jaxcollab.errors import NonFiniteLossError, UserError
 
 ONE_DEVICE = jax.devices()[:1]
@@ -71,6 +72,23 @@ def test_the_step_compiled_ahead_is_the_one_the_first_step_runs(name, overrides,
     jax.monitoring.unregister_event_duration_listener(listener)
   assert ahead >= 1 and len(compiles) == ahead  # The real arrays found the executable: nothing compiled again.
   assert int(state.step) == 2 and math.isfinite(float(m["loss"]))
+
+
+def test_the_step_trains_on_the_images_its_augmentation_draws_describe():
+  run = run_lib.build(smoke("cnn_digits"), ONE_DEVICE)
+  batch = first_batch(run, run.config.train.batch_size)
+  assert augment.KEY in batch  # cnn_digits augments: the pipeline ships draws, not moved images.
+  moved = jax.jit(augment.apply_to_batch)(batch)
+  assert augment.KEY not in moved
+  step = jax.jit(train.train_step)
+  state = run.init_state()
+  from_draws, m1 = step(state, batch)
+  from_moved, m2 = step(state, moved)
+  unmoved, m3 = step(state, {k: v for k, v in batch.items() if k != augment.KEY})
+  np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(from_draws.params), jax.tree.leaves(from_moved.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  assert float(m3["loss"]) != float(m1["loss"])  # The draws did move the pixels.
 
 
 def test_jit_equals_no_jit():

@@ -12,39 +12,16 @@ from typing import Any
 
 import ml_collections
 
-from jaxcollab import config as config_lib
+from jaxcollab import choices
+from jaxcollab.choices import DATASETS, Spec
 from jaxcollab.data import catalog, embedded
 from jaxcollab.data.embedded import pydocs_bytes, unigram_entropy_bits
 from jaxcollab.data.pipeline import Dataset, DatasetInfo, ImageExamples, TextWindows
-from jaxcollab.errors import ConfigError, UserError
+from jaxcollab.errors import UserError
 
 __all__ = ["DATASETS", "Dataset", "DatasetInfo", "Spec", "check", "get_dataset", "pydocs_bytes", "unigram_entropy_bits"]
 
 BYTE_VOCAB = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-  """What is known about a dataset without loading it."""
-
-  kind: str  # "image" | "text"
-  eval_split: str  # the split evaluation reports on.
-  splits: tuple[str, ...]  # every split that can be read.
-  tfds_name: str | None = None  # None for the embedded datasets.
-  image_shape: tuple[int, int, int] | None = None  # (H, W, C)
-  num_classes: int | None = None
-
-
-DATASETS: dict[str, Spec] = {
-  "digits": Spec("image", "test", ("train", "test"), image_shape=(8, 8, 1), num_classes=10),
-  "pydocs": Spec("text", "validation", ("train", "validation")),
-  "mnist": Spec("image", "test", ("train", "test"), "mnist", (28, 28, 1), 10),
-  "fashion_mnist": Spec("image", "test", ("train", "test"), "fashion_mnist", (28, 28, 1), 10),
-  "cifar10": Spec("image", "test", ("train", "test"), "cifar10", (32, 32, 3), 10),
-  "tiny_shakespeare": Spec("text", "validation", ("train", "validation", "test"), "tiny_shakespeare"),
-  # lm1b has no validation split; its test split plays that role.
-  "lm1b": Spec("text", "test", ("train", "test"), "lm1b"),
-}
 
 
 def _split_loader(name: str, spec: Spec, data_dir: str) -> Callable[[str], Any]:
@@ -61,14 +38,8 @@ def _split_loader(name: str, spec: Spec, data_dir: str) -> Callable[[str], Any]:
   return functools.partial(catalog.text_bytes, tfds_name, data_dir=data_dir)
 
 
-def check(dataset: ml_collections.ConfigDict) -> Spec:
-  """The Spec of `dataset.name`, or a ConfigError for a name or value this dataset cannot use."""
-  spec = config_lib.lookup(DATASETS, "dataset.name", dataset.name)
-  if spec.kind == "text" and dataset.seq_len <= 0:
-    raise ConfigError(f"dataset.seq_len must be positive, got {dataset.seq_len}; set it to e.g. 128.")
-  if dataset.num_workers < 0:
-    raise ConfigError(f"dataset.num_workers must be >= 0 (0 reads in the main process), got {dataset.num_workers}.")
-  return spec
+# Checked before jax starts (jaxcollab/choices.py), so a mistake in dataset.* is reported at once.
+check = choices.check_dataset
 
 
 def get_dataset(config: ml_collections.ConfigDict) -> Dataset:

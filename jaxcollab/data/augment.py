@@ -1,20 +1,25 @@
 """Image augmentation of whole training batches: random translation, small rotation, optional flip.
 
-One vectorised numpy call per batch. Each example's random numbers are a counter-based hash of
-the pipeline seed and the example's position in the epoch-shuffled stream, so an example is
-augmented the same way however the stream is cut into batches or processes, and a resumed
-iterator augments identically.
+Split in two so that the pixels are moved inside the jitted train step, not on the host:
+  `draws` (host, numpy): each example's translation, angle and mirror sign, a counter-based hash of
+      the pipeline seed and the example's position in the epoch-shuffled stream. An example is
+      therefore augmented the same way however the stream is cut into batches or processes, and
+      a resumed iterator augments identically. The pipeline ships them as batch["augment"].
+  `apply` (jax): one bilinear resampling per image with those draws; the train step calls
+      `apply_to_batch` first. On the CPU this is ~40 us of fused XLA per cnn_digits batch against
+      ~300 us of numpy on the host, where it competed with the step for the cores.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 MAX_ROTATION_DEGREES = 10.0
 # Draws per example: dy, dx, angle, flip coin.
 _DRAWS = 4
+KEY = "augment"  # The batch key of the draws: float32 [B, 4] = (dy, dx, angle in radians, mirror +-1).
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -33,59 +38,71 @@ def uniforms(seed: int, positions: np.ndarray, draws: int) -> np.ndarray:
   return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def _bilinear(images_BxHxWxC: np.ndarray, y_BxHxW: np.ndarray, x_BxHxW: np.ndarray) -> np.ndarray:
-  """Samples each image at fractional (y, x); points outside the image read 0 (zero fill)."""
-  B, H, W, _ = images_BxHxWxC.shape
-  y0, x0 = np.floor(y_BxHxW), np.floor(x_BxHxW)
-  wy, wx = (y_BxHxW - y0)[..., None], (x_BxHxW - x0)[..., None]
-  y0, x0 = y0.astype(np.int64), x0.astype(np.int64)
-  # One flat index per pixel: a single-array gather costs 15% less of the whole augmentation than
-  # indexing with (batch, row, column) arrays, for the same values.
-  pixels_NxC = images_BxHxWxC.reshape(B * H * W, -1)
-  first_Bx1x1 = (np.arange(B) * (H * W))[:, None, None]
-  out = np.zeros(images_BxHxWxC.shape, np.float64)
-  for dy, dx, w in ((0, 0, (1 - wy) * (1 - wx)), (0, 1, (1 - wy) * wx), (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):
-    yy, xx = y0 + dy, x0 + dx
-    inside = ((yy >= 0) & (yy < H) & (xx >= 0) & (xx < W))[..., None]
-    out += w * inside * pixels_NxC[first_Bx1x1 + np.clip(yy, 0, H - 1) * W + np.clip(xx, 0, W - 1)]
-  return out
+def draws(seed: int, positions_B: np.ndarray, image_size: int, flip: bool = False) -> np.ndarray:
+  """float32 [B, 4]: each example's (dy, dx, angle, mirror), a function of (seed, position) only.
 
-
-def augment_batch(images_BxHxWxC: np.ndarray, seed: int, positions_B: np.ndarray, flip: bool = False) -> np.ndarray:
-  """Translates each image by up to 1/8 of its side, rotates it by up to 10 degrees, optionally mirrors it.
-
-  Row i depends only on image i, `seed` and `positions_B[i]`. One bilinear resampling per image
-  (the translation and rotation compose into one affine map), zero fill; float32 in [0, 1].
+  Shifts are whole pixels up to 1/8 of the side, the angle is within +-10 degrees, and the mirror
+  sign is -1 for about half the examples when `flip`, else 1.
   """
-  B, H, W, _ = images_BxHxWxC.shape
   u_BxR = uniforms(seed, positions_B, _DRAWS)
   # 1/8 of the side: 1 px for 8x8 digits, 3 for 28x28, 4 for 32x32 (the classic CIFAR crop).
-  shift = max(1, H // 8)
+  shift = max(1, image_size // 8)
   dy_B = np.floor(u_BxR[:, 0] * (2 * shift + 1)) - shift
   dx_B = np.floor(u_BxR[:, 1] * (2 * shift + 1)) - shift
   angle_B = np.deg2rad((2 * u_BxR[:, 2] - 1) * MAX_ROTATION_DEGREES)
-  # Output pixel p reads the source at R(angle) (p - centre) + centre - shift.
+  # Digits and MNIST are not mirror-symmetric classes, so flipping is opt-in (dataset.flip).
+  mirror_B = np.where(flip & (u_BxR[:, 3] < 0.5), -1.0, 1.0)
+  return np.stack([dy_B, dx_B, angle_B, mirror_B], axis=1).astype(np.float32)
+
+
+def _bilinear(images_BxHxWxC: jax.Array, y_BxHxW: jax.Array, x_BxHxW: jax.Array) -> jax.Array:
+  """Samples each image at fractional (y, x); points outside the image read 0 (zero fill)."""
+  B, H, W, C = images_BxHxWxC.shape
+  y0, x0 = jnp.floor(y_BxHxW), jnp.floor(x_BxHxW)
+  wy, wx = (y_BxHxW - y0)[..., None], (x_BxHxW - x0)[..., None]
+  y0, x0 = y0.astype(jnp.int32), x0.astype(jnp.int32)
+  # One flat index per pixel: XLA makes a single gather of it.
+  pixels_NxC = images_BxHxWxC.reshape(B * H * W, C)
+  first_Bx1x1 = (jnp.arange(B, dtype=jnp.int32) * (H * W))[:, None, None]
+  out = jnp.zeros(images_BxHxWxC.shape, images_BxHxWxC.dtype)
+  for dy, dx, w in ((0, 0, (1 - wy) * (1 - wx)), (0, 1, (1 - wy) * wx), (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):
+    yy, xx = y0 + dy, x0 + dx
+    inside = ((yy >= 0) & (yy < H) & (xx >= 0) & (xx < W))[..., None]
+    out += w * inside * pixels_NxC[first_Bx1x1 + jnp.clip(yy, 0, H - 1) * W + jnp.clip(xx, 0, W - 1)]
+  return out
+
+
+def apply(images_BxHxWxC: jax.Array, draws_Bx4: jax.Array) -> jax.Array:
+  """Translates, rotates and mirrors each image by its draws: one bilinear resampling, zero fill, [0, 1].
+
+  Row i depends only on image i and draws i. The translation, rotation and mirror compose into one
+  affine map of the output grid, so each image is resampled once.
+  """
+  _, H, W, _ = images_BxHxWxC.shape
+  dy, dx, angle, mirror = (draws_Bx4[:, i, None, None] for i in range(_DRAWS))
   cy, cx = (H - 1) / 2, (W - 1) / 2
-  gy, gx = np.meshgrid(np.arange(H) - cy, np.arange(W) - cx, indexing="ij")
-  gx_BxHxW = np.broadcast_to(gx, (B, H, W))
-  if flip:
-    # Digits and MNIST are not mirror-symmetric classes, so flipping is opt-in (dataset.flip).
-    # Mirroring the output grid about its centre mirrors the augmented image exactly.
-    gx_BxHxW = np.where((u_BxR[:, 3] < 0.5)[:, None, None], -gx, gx)
-  cos, sin = np.cos(angle_B)[:, None, None], np.sin(angle_B)[:, None, None]
-  src_y = cos * gy - sin * gx_BxHxW + cy - dy_B[:, None, None]
-  src_x = sin * gy + cos * gx_BxHxW + cx - dx_B[:, None, None]
+  gy, gx = jnp.meshgrid(jnp.arange(H) - cy, jnp.arange(W) - cx, indexing="ij")
+  gy, gx = gy[None], gx[None]
+  # Output pixel p reads the source at R(angle) M (p - centre) + centre - shift; mirroring the
+  # output grid about its centre mirrors the augmented image exactly.
+  gx_BxHxW = mirror * gx
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  src_y = cos * gy - sin * gx_BxHxW + cy - dy
+  src_x = sin * gy + cos * gx_BxHxW + cx - dx
   out = _bilinear(images_BxHxWxC, src_y, src_x)
   # Bilinear weights are convex, so values stay in the input's range up to rounding; clip that.
-  return np.clip(out, 0.0, 1.0).astype(np.float32)
+  return jnp.clip(out, 0.0, 1.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class Augment:
-  """Augments the "image" of a batch {"image": float32 [B,H,W,C] in [0,1], ...} given its stream positions."""
+def apply_to_batch(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The batch with its "image" augmented by its draws, when it carries them; unchanged otherwise."""
+  if KEY not in batch:
+    return batch
+  rest = {k: v for k, v in batch.items() if k != KEY}
+  return {**rest, "image": apply(batch["image"], batch[KEY])}
 
-  seed: int
-  flip: bool = False
 
-  def __call__(self, batch: dict[str, np.ndarray], positions_B: np.ndarray) -> dict[str, np.ndarray]:
-    return {**batch, "image": augment_batch(batch["image"], self.seed, positions_B, self.flip)}
+def augment_batch(images_BxHxWxC: np.ndarray, seed: int, positions_B: np.ndarray, flip: bool = False) -> np.ndarray:
+  """`apply` with the draws of (seed, positions), on host arrays: what the train step sees."""
+  d_Bx4 = draws(seed, positions_B, images_BxHxWxC.shape[1], flip)
+  return np.asarray(jax.jit(apply)(images_BxHxWxC, d_Bx4))

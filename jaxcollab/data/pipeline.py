@@ -1,7 +1,9 @@
 """grain pipelines that turn random-access examples into per-process train and eval batches.
 
 Batches are dicts of numpy arrays:
-  image: {"image": float32 [B,H,W,C] in [0,1], "label": int32 [B], "mask": float32 [B]}
+  image: {"image": float32 [B,H,W,C] in [0,1], "label": int32 [B], "mask": float32 [B]}, and
+         with dataset.augment, train batches also carry "augment": float32 [B,4], each image's
+         augmentation draws, which the train step applies (data/augment.py)
   text:  {"inputs": int32 [B,L], "targets": int32 [B,L], "mask": float32 [B,L]}
 `mask` is 1 for real examples (or scored bytes) and 0 for padding.
 """
@@ -144,11 +146,12 @@ class _TrainBatch:
     batch_size: int,
     process_index: int,
     process_count: int,
-    augment: augment_lib.Augment | None,
+    augment: bool,
+    flip: bool,
   ):
     self._examples, self._seed, self._steps_per_epoch = examples, seed, steps_per_epoch
     self._batch_size, self._process_index, self._process_count = batch_size, process_index, process_count
-    self._augment = augment
+    self._augment, self._flip = augment, flip
     self._permutation: tuple[int, np.ndarray] | None = None  # (epoch, order); one tuple so threads swap it whole.
 
   def _order(self, epoch: int) -> np.ndarray:
@@ -163,8 +166,10 @@ class _TrainBatch:
     global_batch = self._batch_size * self._process_count
     in_epoch_B = step_in_epoch * global_batch + self._process_index * self._batch_size + np.arange(self._batch_size)
     batch = read_batch(self._examples, self._order(epoch)[in_epoch_B])
-    if self._augment is not None:
-      batch = self._augment(batch, epoch * self._steps_per_epoch * global_batch + in_epoch_B)
+    if self._augment:
+      positions_B = epoch * self._steps_per_epoch * global_batch + in_epoch_B
+      # Only the draws are made here; the train step moves the pixels (augment.apply_to_batch).
+      batch[augment_lib.KEY] = augment_lib.draws(self._seed, positions_B, batch["image"].shape[1], self._flip)
     return batch
 
 
@@ -206,6 +211,11 @@ class Dataset:
     self._num_workers = num_workers
     self._splits: dict[str, Sequence[Example]] = {}
 
+  @property
+  def augments(self) -> bool:
+    """Whether train batches carry augmentation draws (the "augment" key)."""
+    return self._augment
+
   def train_iterator(
     self, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
   ) -> grain.DatasetIterator:
@@ -218,7 +228,6 @@ class Dataset:
         f"The global train batch ({batch_size} x {process_count} processes) must be between 1 and "
         f"the {len(self._train)} train examples of {self.info.name!r}; lower train.batch_size."
       )
-    augment = augment_lib.Augment(seed, self._flip) if self._augment else None
     batches = _TrainBatch(
       self._train,
       seed=seed,
@@ -226,10 +235,11 @@ class Dataset:
       batch_size=batch_size,
       process_index=process_index,
       process_count=process_count,
-      augment=augment,
+      augment=self._augment,
+      flip=self._flip,
     )
-    # Whole batches are read and augmented in one numpy call each; grain runs them ahead in
-    # threads and checkpoints the step reached (`next_index`), from which resuming is exact.
+    # Whole batches are read (and their augmentation drawn) in one numpy call each; grain runs
+    # them ahead in threads and checkpoints the step reached (`next_index`), from which resuming is exact.
     return self._to_iterator(grain.MapDataset.range(sys.maxsize).map(batches))
 
   def eval_batches(

@@ -1,6 +1,6 @@
 """Models by name: one file each, found through `MODELS`; the experiment config stops here.
 
-A model file `models/<name>.py` declares, beside its flax module:
+A model file `models/<name>.py` declares, beside its flax module, its config part:
   TASK             "image" (float32 images [B, H, W, C] -> logits [B, classes]) or "text"
                    (int32 tokens [B, L] -> logits [B, L, V]); modules take `(x, train: bool)`.
   config_fields()  the model.* keys it reads besides name/activation/dtype, with defaults and comments.
@@ -8,23 +8,28 @@ A model file `models/<name>.py` declares, beside its flax module:
   make(model, info, dtype)  the flax module, built from a small frozen dataclass (never the config).
   AXIS_KEYS        config keys behind its logical axis names, for sharding error messages.
 Adding a model is that file plus one line in `MODELS` (README, "Add a model").
+
+The config part (TASK, config_fields, check, AXIS_KEYS, PORTABLE) may instead live in a jax-free
+`<name>_config.py` beside the model file, which then re-exports it; the built-in models do so, and
+this module imports no jax or flax, so a mistake in a model's keys is reported before jax starts.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from collections.abc import Collection
 from types import ModuleType
 from typing import Any, TypeAlias
 
-import flax.linen as nn
-import jax.numpy as jnp
 import ml_collections
+import ml_dtypes
+import numpy as np
 
+from jaxcollab import choices
 from jaxcollab import config as config_lib
 from jaxcollab.errors import ConfigError
-from jaxcollab.models import activations
 
 ConfigDict: TypeAlias = ml_collections.ConfigDict
 
@@ -36,13 +41,23 @@ MODELS: dict[str, str] = {
   "resnet": "jaxcollab.models.resnet",
   "gpt": "jaxcollab.models.gpt",
 }
-ACTIVATIONS = activations.ACTIVATIONS
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# numpy's and ml_dtypes' types, which jax.numpy's float32 and bfloat16 wrap: no jax needed here.
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
 def get(name: str) -> ModuleType:
-  """The model file registered as `name`."""
+  """The model file registered as `name` (imports its flax module, and so jax)."""
   return importlib.import_module(config_lib.lookup(MODELS, "model.name", name))
+
+
+def config_part(name: str) -> ModuleType:
+  """Model `name`'s TASK, config_fields, check, AXIS_KEYS, PORTABLE: its `<module>_config`, else its file."""
+  module = config_lib.lookup(MODELS, "model.name", name)
+  try:
+    separate = importlib.util.find_spec(f"{module}_config") is not None
+  except ModuleNotFoundError:  # No such package: importing the model file below says so.
+    separate = False
+  return importlib.import_module(f"{module}_config" if separate else module)
 
 
 def resolve(config: ConfigDict, overridden: Collection[str] = (), drop_unread: bool = False) -> ConfigDict:
@@ -53,8 +68,8 @@ def resolve(config: ConfigDict, overridden: Collection[str] = (), drop_unread: b
   `drop_unread`, for configs saved by older versions), another model's keys are dropped.
   """
   config = ConfigDict(config.to_dict())
-  module = get(config.model.name)
-  config_lib.lookup(ACTIVATIONS, "model.activation", config.model.activation)
+  module = config_part(config.model.name)
+  choices.lookup(choices.ACTIVATIONS, "model.activation", config.model.activation)
   fields = module.config_fields()
   unread = [k for k in config.model if k not in fields and k not in config_lib.SHARED_MODEL_KEYS]
   switched = "model.name" in overridden or drop_unread
@@ -78,13 +93,13 @@ def portable(config: ConfigDict) -> ConfigDict:
   """A saved config made readable on any machine: the model's PORTABLE keys (kernel choices such as
   the GPT's attention, which change speed, not results) take their machine-independent values."""
   config = ConfigDict(config.to_dict())
-  for key, value in getattr(get(config.model.name), "PORTABLE", {}).items():
+  for key, value in getattr(config_part(config.model.name), "PORTABLE", {}).items():
     if key in config.model:
       config.model[key] = value
   return config
 
 
-def build(config: ConfigDict, info: Any) -> nn.Module:
+def build(config: ConfigDict, info: Any) -> Any:
   """The module that `config.model.name` names, built for the dataset described by `info`."""
   # Checked against the dataset it is built for (a saved run's, or a test's), not config.dataset.
   dataset = ConfigDict(config.dataset.to_dict())
@@ -93,4 +108,4 @@ def build(config: ConfigDict, info: Any) -> nn.Module:
   return get(model.name).make(model, info, DTYPES[model.dtype])
 
 
-__all__ = ["ACTIVATIONS", "DTYPES", "MODELS", "build", "get", "resolve"]
+__all__ = ["DTYPES", "MODELS", "build", "config_part", "get", "portable", "resolve"]

@@ -10,31 +10,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxcollab.errors import ConfigError
 from jaxcollab.models import activations
 
+# Its config part (TASK, config_fields, check, AXIS_KEYS) is cnn_config.py, which imports no jax, so
+# a mistake in the model's keys is reported before jax starts (jaxcollab/models/__init__.py).
 # Shape letters: B batch, H/W/C height/width/channels, F flattened features, N dense width, K classes.
-
-TASK = "image"
-# Config keys behind the logical axis names, named when a mesh cannot split that axis.
-AXIS_KEYS = {"conv_out": "model.features", "hidden": "model.dense", "embed": "the flattened conv features"}
-
-
-def config_fields() -> ml_collections.ConfigDict:
-  """The model.* keys the CNN reads besides name, activation and dtype, with their defaults."""
-  c = ml_collections.ConfigDict()
-  c.features = (32, 64)  # tuple of ints > 0: output channels of each 3x3 conv (each followed by 2x2 avg-pool).
-  c.dense = 256  # int > 0: width of the Dense layer after the conv stack.
-  return c
-
-
-def check(model: ml_collections.ConfigDict, dataset: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for a value the CNN cannot use."""
-  del dataset  # Any image size works.
-  if not model.features or any(f <= 0 for f in model.features):
-    raise ConfigError(f"model.features must be a non-empty tuple of positive ints, got {model.features}.")
-  if model.dense <= 0:
-    raise ConfigError(f"model.dense must be a positive integer, got {model.dense}.")
 
 
 def make(model: ml_collections.ConfigDict, info: Any, dtype: Any) -> CNN:

@@ -10,28 +10,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxcollab.errors import ConfigError
 from jaxcollab.models import activations
 
+# Its config part (TASK, config_fields, check, AXIS_KEYS) is mlp_config.py, which imports no jax, so
+# a mistake in the model's keys is reported before jax starts (jaxcollab/models/__init__.py).
 # Shape letters: B batch, H/W/C image height/width/channels, N hidden width, K classes.
-
-TASK = "image"
-# Config keys behind the logical axis names, named when a mesh cannot split that axis.
-AXIS_KEYS = {"hidden": "model.hidden", "embed": "the flattened image size"}
-
-
-def config_fields() -> ml_collections.ConfigDict:
-  """The model.* keys the MLP reads besides name, activation and dtype, with their defaults."""
-  c = ml_collections.ConfigDict()
-  c.hidden = 1024  # int > 0: width of the hidden Dense layer.
-  return c
-
-
-def check(model: ml_collections.ConfigDict, dataset: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for a value the MLP cannot use."""
-  del dataset  # Any image size works.
-  if model.hidden <= 0:
-    raise ConfigError(f"model.hidden must be a positive integer, got {model.hidden}.")
 
 
 def make(model: ml_collections.ConfigDict, info: Any, dtype: Any) -> MLP:

@@ -1,5 +1,6 @@
-"""Tests for jaxcollab/data/augment.py: vectorised batch augmentation, random by stream position."""
+"""Tests for jaxcollab/data/augment.py: draws by stream position on the host, one jitted resampling per batch."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -26,6 +27,28 @@ def test_uniforms_look_uniform_and_independent():
   # Neighbouring positions and draws are uncorrelated.
   corr = np.corrcoef(np.concatenate([u[:-1], u[1:]], axis=1).T)
   assert np.abs(corr - np.eye(8)).max() < 0.03
+
+
+@pytest.mark.parametrize("size, shift", [(8, 1), (28, 3), (32, 4)])
+def test_draws_are_whole_pixel_shifts_small_angles_and_a_mirror_only_with_flip(size, shift):
+  positions = np.arange(4000)
+  d = augment.draws(1, positions, size)
+  assert d.shape == (4000, 4) and d.dtype == np.float32
+  dy, dx, angle, mirror = d.T
+  for offsets in (dy, dx):  # Every whole shift in [-shift, shift], none outside.
+    assert set(offsets.tolist()) == set(range(-shift, shift + 1))
+  assert np.abs(angle).max() <= np.deg2rad(augment.MAX_ROTATION_DEGREES) and np.abs(angle).max() > 0.9 * np.deg2rad(10)
+  assert (mirror == 1).all()
+  flipped = augment.draws(1, positions, size, flip=True)
+  np.testing.assert_array_equal(flipped[:, :3], d[:, :3])  # The coin comes last: the rest is unchanged.
+  assert set(flipped[:, 3].tolist()) == {-1.0, 1.0} and 1800 < (flipped[:, 3] < 0).sum() < 2200
+  np.testing.assert_array_equal(augment.draws(1, positions[::-1], size), d[::-1])
+
+
+def test_zero_draws_leave_images_unchanged():
+  images = _images(3)
+  identity = np.tile(np.array([[0, 0, 0, 1]], np.float32), (3, 1))
+  np.testing.assert_allclose(np.asarray(jax.jit(augment.apply)(images, identity)), images, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(8, 1), (28, 1), (32, 3)])

@@ -3,6 +3,7 @@
 import collections
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -102,9 +103,14 @@ def test_resume_from_state_matches_uninterrupted(augment):
   _assert_same(uninterrupted[3:], _take(fresh, 4))
 
 
-def test_augmentation_changes_images_but_not_order_shape_or_range():
+def test_augmentation_adds_draws_that_the_step_applies_without_changing_order_shape_or_range():
   plain = next(data.get_dataset(_config()).train_iterator(batch_size=128, seed=0))
-  augmented = next(data.get_dataset(_config(augment=True)).train_iterator(batch_size=128, seed=0))
+  drawn = next(data.get_dataset(_config(augment=True)).train_iterator(batch_size=128, seed=0))
+  assert set(drawn) == set(plain) | {augment_lib.KEY}
+  for k in plain:  # The pipeline only draws; the images are moved in the train step.
+    np.testing.assert_array_equal(plain[k], drawn[k])
+  augmented = {k: np.asarray(v) for k, v in augment_lib.apply_to_batch(drawn).items()}
+  assert set(augmented) == set(plain)
   np.testing.assert_array_equal(plain["label"], augmented["label"])
   assert augmented["image"].shape == plain["image"].shape and augmented["image"].dtype == np.float32
   assert 0.0 <= augmented["image"].min() and augmented["image"].max() <= 1.0
@@ -200,7 +206,7 @@ def test_augmented_global_batch_does_not_depend_on_process_count(process_count):
   single = _epoch(ds, 24)
   shards = [_epoch(ds, 24 // process_count, p, process_count) for p in range(process_count)]
   for step, batch in enumerate(single):
-    # Blocks stacked in process order are the single-process batch, images and all.
+    # Blocks stacked in process order are the single-process batch, augmentation draws and all.
     for k in batch:
       np.testing.assert_array_equal(np.concatenate([s[step][k] for s in shards]), batch[k])
 
@@ -208,7 +214,7 @@ def test_augmented_global_batch_does_not_depend_on_process_count(process_count):
 def test_augmented_stream_does_not_depend_on_batch_grouping():
   ds = _indexed(120, augment=True)
   by_10, by_40 = _epoch(ds, 10), _epoch(ds, 40)
-  for k in ("image", "label"):
+  for k in ("image", "label", augment_lib.KEY):
     np.testing.assert_array_equal(np.concatenate([b[k] for b in by_10]), np.concatenate([b[k] for b in by_40]))
 
 
@@ -219,11 +225,13 @@ def test_augmentation_is_a_function_of_example_seed_and_stream_position():
   stream = _take(it, 12)  # 5 steps per epoch: crosses two epoch boundaries.
   for step, batch in enumerate(stream):
     positions = step * 10 + np.arange(10)
+    np.testing.assert_array_equal(batch[augment_lib.KEY], augment_lib.draws(3, positions, 8))
     expected = augment_lib.augment_batch(images[batch["label"]], 3, positions)
-    np.testing.assert_array_equal(batch["image"], expected)
+    np.testing.assert_array_equal(np.asarray(jax.jit(augment_lib.apply_to_batch)(batch)["image"]), expected)
   # The same example in a later epoch is augmented anew.
-  first = {int(l): im for l, im in zip(stream[0]["label"], stream[0]["image"])}
-  later = {int(l): im for b in stream[5:10] for l, im in zip(b["label"], b["image"])}
+  augmented = [np.asarray(augment_lib.apply_to_batch(b)["image"]) for b in stream]
+  first = {int(l): im for l, im in zip(stream[0]["label"], augmented[0])}
+  later = {int(l): im for b, a in zip(stream[5:10], augmented[5:10]) for l, im in zip(b["label"], a)}
   assert all(not np.array_equal(first[l], later[l]) for l in first)
 
 

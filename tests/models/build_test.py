@@ -13,7 +13,7 @@ import pytest
 
 from jaxcollab import config as config_lib
 from jaxcollab import models
-from jaxcollab.models import gpt as gpt_lib
+from jaxcollab.models import gpt_config
 
 Info = collections.namedtuple("Info", "name kind image_shape num_classes vocab_size seq_len")
 IMAGES = Info("toy", "image", (8, 8, 3), 5, None, None)
@@ -141,13 +141,13 @@ def test_registry_and_build_errors():
 
 
 def test_gpt_dims_named_size_overrides_fields():
-  model = gpt_lib.config_fields()
-  assert gpt_lib.dims(model) == dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, context=256)
+  model = gpt_config.config_fields()
+  assert gpt_config.dims(model) == dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, context=256)
   model.size = "gpt2-124m"
-  assert gpt_lib.dims(model) == dict(num_layers=12, num_heads=12, embed_dim=768, mlp_dim=3072, context=1024)
+  assert gpt_config.dims(model) == dict(num_layers=12, num_heads=12, embed_dim=768, mlp_dim=3072, context=1024)
   model.size = "gpt3"
   with pytest.raises(ValueError, match="Unknown model.size 'gpt3'"):
-    gpt_lib.dims(model)
+    gpt_config.dims(model)
 
 
 # ResNet uses the same conv and classifier names as the CNN; its sharded compile costs ~10 s here.

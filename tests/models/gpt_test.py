@@ -17,6 +17,7 @@ from jaxcollab import config as config_lib
 from jaxcollab import main, models, run, sharding
 from jaxcollab.errors import ConfigError
 from jaxcollab.models import gpt as gpt_lib
+from jaxcollab.models import gpt_config
 
 TINY = dict(vocab_size=64, num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, context=16)
 L = 12
@@ -44,13 +45,13 @@ def count(model: nn.Module, length: int) -> int:
 
 @pytest.mark.parametrize("tied, expected", [(True, 124_439_808), (False, 124_439_808 + 50257 * 768)])
 def test_gpt2_124m_parameter_count(tied, expected):
-  config = gpt_lib.GPTConfig(vocab_size=50257, tied=tied, **gpt_lib.GPT_SIZES["gpt2-124m"])
+  config = gpt_lib.GPTConfig(vocab_size=50257, tied=tied, **gpt_config.GPT_SIZES["gpt2-124m"])
   assert count(gpt_lib.GPT(config), 1024) == expected
 
 
 def test_gpt2_medium_parameter_count():
   # Hugging Face's gpt2-medium: 354,823,168 parameters (tied head).
-  config = gpt_lib.GPTConfig(vocab_size=50257, **gpt_lib.GPT_SIZES["gpt2-medium"])
+  config = gpt_lib.GPTConfig(vocab_size=50257, **gpt_config.GPT_SIZES["gpt2-medium"])
   assert count(gpt_lib.GPT(config), 1024) == 354_823_168
 
 
