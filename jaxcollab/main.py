@@ -325,6 +325,8 @@ def _export(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   """Runs one subcommand; returns the process exit code."""
+  if argv is None:  # The process's own command line: start it again with huge pages (runtime.py says why).
+    runtime.restart_with_huge_pages()
   argv = sys.argv[1:] if argv is None else argv
   parser = _parser()
   args, unknown = parser.parse_known_args(argv)

@@ -1,9 +1,11 @@
-"""XLA flags per platform: ours are added once, the user's win, and every GPU flag parses in this jaxlib; GC."""
+"""XLA flags per platform (ours added once, the user's win, every GPU flag parses here); GC; huge pages."""
 
 import gc
 import os
 import subprocess
 import sys
+
+import pytest
 
 from jaxcollab import runtime
 
@@ -58,3 +60,27 @@ def test_configure_collects_young_objects_less_often():
   # The CLI and tests run configure (conftest); full collections over jax's objects cost ~0.27 s of a cold start.
   runtime.configure(log_level=None)  # As conftest and the CLI call it.
   assert gc.get_threshold() == runtime.GC_THRESHOLDS and runtime.GC_THRESHOLDS[0] > 700
+
+
+@pytest.mark.skipif(runtime.huge_pages_environ({}) is None, reason="glibc only")
+def test_huge_pages_are_added_to_glibc_tunables_unless_set_or_declined():
+  assert runtime.huge_pages_environ({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": runtime.HUGE_PAGES_TUNABLE}
+  other = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+  assert runtime.huge_pages_environ(other)["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{runtime.HUGE_PAGES_TUNABLE}"
+  assert runtime.huge_pages_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # The user's choice wins.
+  assert runtime.huge_pages_environ({runtime.HUGE_PAGES_ENV: "0"}) is None
+
+
+@pytest.mark.skipif(runtime.huge_pages_environ({}) is None, reason="glibc only")
+def test_restart_runs_the_same_command_once_more_with_huge_pages():
+  code = (
+    "import os, sys; print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], flush=True); "
+    "from jaxcollab import runtime; runtime.restart_with_huge_pages(); print('done')"
+  )
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime.HUGE_PAGES_ENV)}
+  out = subprocess.run([sys.executable, "-c", code, "arg"], env=env, capture_output=True, text=True, check=True)
+  first, second, done = out.stdout.splitlines()
+  pid, tunables, args = first.split(" ", 2)
+  assert tunables == "None" and args == "['arg']"
+  assert second == f"{pid} {runtime.HUGE_PAGES_TUNABLE} ['arg']"  # Same process, same arguments, huge pages.
+  assert done == "done"
