@@ -7,6 +7,7 @@ the first computation (importing jax is fine, running anything on a device is no
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import importlib.metadata
@@ -84,7 +85,10 @@ def restart_with_huge_pages() -> None:
   """
   environ = huge_pages_environ(dict(os.environ))
   if environ is not None:
-    os.execve(sys.executable, sys.orig_argv, environ)
+    # Only a speed-up: where the interpreter cannot be executed again (a user who may run it only
+    # through a path they were given, as `setpriv` to nobody showed), carry on as started.
+    with contextlib.suppress(OSError):
+      os.execve(sys.executable, sys.orig_argv, environ)
 
 
 def configure(cache_dir: str | None = None, log_level: int | None = logging.INFO) -> None:
