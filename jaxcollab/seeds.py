@@ -182,7 +182,7 @@ def train_seeds(
         it = r.dataset.train_iterator(batch_size=r.config.train.batch_size, seed=r.config.seed)
         ckpt = checkpoint.Checkpointer(w, r.config, dataclasses.asdict(r.dataset.info), dict(r.mesh.shape), stop=stop)
         seeds.append(_Seed(wd, r.config, it, ckpt))
-      portable = tuple(f"model.{k}" for k in getattr(models.config_part(configs[0].model.name), "PORTABLE", {}))
+      portable = models.portable_keys(configs[0].model.name)
       restored = []
       for s, r in zip(seeds, stacked.runs):
 

@@ -193,7 +193,7 @@ def _check_same_config(workdir: str, config: ConfigDict) -> None:
   with open(path) as f:
     saved = json.load(f)
   steps = checkpoint.finished_steps(os.path.join(workdir, "checkpoints"))
-  portable = tuple(f"model.{k}" for k in getattr(models.config_part(config.model.name), "PORTABLE", {}))
+  portable = models.portable_keys(config.model.name)
   workdir_lib.check_resume(saved, config, steps[-1] if steps else 0, workdir, portable)
 
 

@@ -336,7 +336,7 @@ def _train(
   changes: dict[str, list] = {}
 
   def check_config(step: int, saved: dict) -> None:
-    portable = tuple(f"model.{k}" for k in getattr(models.config_part(config.model.name), "PORTABLE", {}))
+    portable = models.portable_keys(config.model.name)
     changes.update(workdir_lib.check_resume(saved, config, step, workdir, portable))
 
   try:

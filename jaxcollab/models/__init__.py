@@ -89,11 +89,20 @@ def resolve(config: ConfigDict, overridden: Collection[str] = (), drop_unread: b
   return config
 
 
+def _portable_values(name: str) -> dict[str, Any]:
+  return getattr(config_part(name), "PORTABLE", {})
+
+
+def portable_keys(name: str) -> tuple[str, ...]:
+  """Model `name`'s PORTABLE keys as config paths ("model.attention"): they may differ on resume."""
+  return tuple(f"model.{k}" for k in _portable_values(name))
+
+
 def portable(config: ConfigDict) -> ConfigDict:
   """A saved config made readable on any machine: the model's PORTABLE keys (kernel choices such as
   the GPT's attention, which change speed, not results) take their machine-independent values."""
   config = ConfigDict(config.to_dict())
-  for key, value in getattr(config_part(config.model.name), "PORTABLE", {}).items():
+  for key, value in _portable_values(config.model.name).items():
     if key in config.model:
       config.model[key] = value
   return config
