@@ -231,14 +231,21 @@ def create_sharded(init_fn: Callable[[], PyTree], shardings: PyTree) -> PyTree:
 
 
 def create_sharded_ahead(init_fn: Callable[[], PyTree], shardings: PyTree) -> Callable[[], PyTree]:
-  """`create_sharded`, its program lowered now and compiled on a thread; call the result for the state.
-
-  XLA frees the GIL while it compiles, so the caller can trace other programs meanwhile; calling the
-  result waits for the compilation and raises its error, if any.
-  """
+  """`create_sharded`, its program lowered now and compiled on a thread (`compile_on_thread`); call the
+  result for the state (it raises the compilation's error, if any)."""
   platforms = {d.platform for s in jax.tree.leaves(shardings) for d in s.device_set}
   options = INIT_COMPILER_OPTIONS.get(platforms.pop()) if len(platforms) == 1 else None
-  lowered = jax.jit(init_fn, out_shardings=shardings).lower()
+  compiled = compile_on_thread(jax.jit(init_fn, out_shardings=shardings).lower(), "init", options)
+  return lambda: compiled()()
+
+
+def compile_on_thread(
+  lowered: jax.stages.Lowered, name: str, options: dict[str, Any] | None = None
+) -> Callable[[], jax.stages.Compiled]:
+  """Starts compiling `lowered` on a thread; the result waits for it and returns it, or raises its error.
+
+  XLA frees the GIL while it compiles, so the caller can trace other programs meanwhile.
+  """
   done: dict[str, Any] = {}
 
   def compile_() -> None:
@@ -247,16 +254,18 @@ def create_sharded_ahead(init_fn: Callable[[], PyTree], shardings: PyTree) -> Ca
     except Exception as e:  # Raised by the caller, in its own thread.
       done["error"] = e
 
-  thread = threading.Thread(target=compile_, name="compile init")
+  # Not a daemon: a process that fails before it waits lets XLA finish, rather than tearing the
+  # interpreter down under a thread inside the compiler.
+  thread = threading.Thread(target=compile_, name=f"compile {name}")
   thread.start()
 
-  def run() -> PyTree:
+  def wait() -> jax.stages.Compiled:
     thread.join()
     if "error" in done:
       raise done["error"]
-    return done["program"]()
+    return done["program"]
 
-  return run
+  return wait
 
 
 @contextlib.contextmanager

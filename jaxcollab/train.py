@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -91,17 +90,15 @@ def jit_train_step_ahead(run: Run) -> tuple[jax.stages.Wrapped, Callable[[], Non
   batch = run_lib.abstract_batch(
     run.dataset.info, run.config.train.batch_size, sharding.batch_sharding(run.mesh), run.dataset.augments
   )
-  lowered = step.lower(sharding.with_shardings(run.abstract_state, run.shardings), batch)
+  compiled = sharding.compile_on_thread(
+    step.lower(sharding.with_shardings(run.abstract_state, run.shardings), batch), "train_step"
+  )
 
-  def compile_quietly() -> None:
-    with contextlib.suppress(Exception):
-      lowered.compile()
+  def wait() -> None:
+    with contextlib.suppress(Exception):  # The first step raises it again, where the loop handles errors.
+      compiled()
 
-  # Not a daemon: a process that fails before its first step waits for XLA to finish, rather than
-  # tearing the interpreter down under a thread inside the compiler.
-  thread = threading.Thread(target=compile_quietly, name="compile train_step")
-  thread.start()
-  return step, thread.join
+  return step, wait
 
 
 def compile_ahead(run: Run, init: bool = True) -> tuple[jax.stages.Wrapped, Callable[[], None], Callable | None]:
