@@ -101,16 +101,18 @@ def test_training_without_dropout_needs_no_rng():
   np.testing.assert_array_equal(apply(True), apply(False))
 
 
+def loss_and_grads(model: gpt_lib.GPT):
+  """A loss of the model on tokens() and its gradients with respect to params()."""
+  x = tokens()
+
+  def loss(p):
+    logits = model.apply({"params": p}, x, train=True)
+    return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  return jax.jit(jax.value_and_grad(loss))(params())
+
+
 def test_remat_gives_the_same_loss_and_gradients():
-  x, p = tokens(), params()
-
-  def loss_and_grads(model):
-    def loss(p):
-      logits = model.apply({"params": p}, x, train=True)
-      return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
-
-    return jax.jit(jax.value_and_grad(loss))(p)
-
   (l0, g0), (l1, g1) = loss_and_grads(build()), loss_and_grads(build(remat=True))
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
@@ -424,15 +426,6 @@ def test_embed_tokens_in_bf16_sums_in_float32():
 
 
 def test_one_hot_embed_grad_gives_the_models_loss_and_gradients():
-  x, p = tokens(), params()
-
-  def loss_and_grads(model):
-    def loss(p):
-      logits = model.apply({"params": p}, x, train=True)
-      return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
-
-    return jax.jit(jax.value_and_grad(loss))(p)
-
   (l0, g0), (l1, g1) = loss_and_grads(build()), loss_and_grads(build(one_hot_embed_grad=True))
   np.testing.assert_array_equal(l0, l1)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), g0, g1)
