@@ -117,6 +117,11 @@ def test_global_norm_is_optax_norm_in_one_reduction_or_leaf_by_leaf(monkeypatch)
   assert float(optim.global_norm(tree)) == pytest.approx(expected, rel=1e-6)
   assert _reductions(optim.global_norm, tree) == 3
   assert float(optim.global_norm({})) == 0.0
+  monkeypatch.undo()
+  devices = np.array(jax.devices()[:2])
+  if len(devices) == 2:  # Under a mesh of several devices a concatenation would gather sharded leaves.
+    with jax.sharding.use_abstract_mesh(jax.sharding.Mesh(devices, ("data",)).abstract_mesh):
+      assert _reductions(optim.global_norm, tree) == 3
 
 
 def test_clipping_equals_optax_with_the_same_state():
