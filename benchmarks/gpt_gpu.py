@@ -404,6 +404,7 @@ def main() -> None:
   parser.add_argument("--cpu", action="store_true", help="shrink to a 2-layer toy that runs in a minute on a CPU")
   parser.add_argument("--quick", action="store_true", help="fewer timed steps and only batch 16 (and its CLI run)")
   parser.add_argument("--depth", action="store_true", help="time to first step vs depth, with and without scan")
+  parser.add_argument("--batches", default="", help="comma-separated batch sizes instead of 16,32 (--quick: 16)")
   parser.add_argument("--no-torch", action="store_true", help="skip the Hugging Face rows")
   parser.add_argument("--budget", type=float, default=480, help="seconds; rows not started by then are skipped")
   parser.add_argument("--wheels", default="", help="folder of wheels to install missing dependencies from first")
@@ -434,6 +435,7 @@ def speed(args: argparse.Namespace) -> None:
   """The issue's table: peak, jaxcollab's step, the CLI, Hugging Face; one child at a time, in priority order."""
   shape, batches = (CPU_SHAPE, (4, 8)) if args.cpu else (GPU_SHAPE, (16, 32))
   batches = batches[:1] if args.quick else batches
+  batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else batches
   timing = (
     {"warmup": 3, "steps": 5, "repeats": 3}
     if args.cpu

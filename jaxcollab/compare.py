@@ -18,7 +18,6 @@ import re
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
 from scipy import stats
 
 from jaxcollab import checkpoint, data, plots, probe, records, reload
@@ -360,72 +359,17 @@ def write(c: Comparison, out: str) -> dict[str, str]:
   return paths
 
 
-def _band(runs: list[RunRecord], split: str, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
-  """Steps that every run logged, and the [runs, steps] values there."""
-  series = [{r["step"]: r[metric] for r in run.rows if r.get("split") == split and metric in r} for run in runs]
-  steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
-  if not steps:
-    return None
-  return np.array(steps), np.array([[s[t] for t in steps] for s in series], np.float64)
-
-
-def _colors(n: int) -> list:
-  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
-
-  cmap = colormaps["tab10" if n <= 10 else "tab20"]
-  return [cmap(i % cmap.N) for i in range(n)]
-
-
 def plot_curves(c: Comparison, path: str) -> None:
   """Eval metric, eval loss and train loss against step: mean line and min-max band per group."""
-  panels = [("eval", c.metric), ("eval", "loss"), ("train", "loss")]
-  panels = list(dict.fromkeys(panels))
-  fig = Figure(figsize=(5.2 * len(panels), 4.2))
-  axes = fig.subplots(1, len(panels), squeeze=False)[0]
-  for ax, (split, metric) in zip(axes, panels):
-    for g, color in zip(c.groups, _colors(len(c.groups))):
-      band = _band(g.runs, split, metric)
-      if band is None:
-        continue
-      steps, values = band
-      ax.plot(steps, values.mean(0), color=color, label=g.name, lw=1.2)
-      ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.18, lw=0)
-    ax.set_title(f"{split} {metric}")
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    if metric == "loss":
-      ax.set_yscale("log")
-  handles, labels = axes[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="outside right center", fontsize="x-small")
-  fig.set_layout_engine("constrained")
-  plots.save(fig, path)
+  panels = list(dict.fromkeys([("eval", c.metric), ("eval", "loss"), ("train", "loss")]))
+  plots.plot_group_curves({g.name: [r.rows for r in g.runs] for g in c.groups}, panels, path)
 
 
 def plot_bars(c: Comparison, path: str) -> None:
   """Final metric per group: mean with its 95% confidence interval, seeds as dots."""
   m = c.metric
-  fig = Figure(figsize=(max(5.0, 0.45 * len(c.rows) + 2), 4.5))
-  ax = fig.subplots()
-  x = np.arange(len(c.rows))
-  means = np.array([r[m + "_mean"] for r in c.rows])
-  low = np.array([r[m + "_ci_low"] for r in c.rows])
-  high = np.array([r[m + "_ci_high"] for r in c.rows])
-  err = np.nan_to_num(np.stack([means - low, high - means]))
-  colors = _colors(len(c.rows))
-  ax.bar(x, means, yerr=err, capsize=3, color=colors, alpha=0.75)
-  for i, g in enumerate(c.groups):
-    values = g.finals(m)
-    ax.plot(np.full(len(values), i), values, "k.", ms=3)
-  ax.set_xticks(x, [r["group"] for r in c.rows], rotation=60, ha="right", fontsize="x-small")
-  ax.set_ylabel(f"final {m}")
-  finite = np.concatenate([g.finals(m) for g in c.groups] + [low[np.isfinite(low)], high[np.isfinite(high)]])
-  if finite.size:
-    span = finite.max() - finite.min()
-    ax.set_ylim(finite.min() - 0.1 * span - 1e-9, finite.max() + 0.1 * span + 1e-9)
-  ax.set_title(f"final {m}: mean, 95% CI, seeds")
-  ax.grid(alpha=0.3, axis="y")
-  fig.set_layout_engine("constrained")
-  plots.save(fig, path)
+  intervals = {r["group"]: (r[m + "_mean"], r[m + "_ci_low"], r[m + "_ci_high"]) for r in c.rows}
+  plots.plot_group_bars(intervals, {g.name: g.finals(m) for g in c.groups}, f"final {m}", path)
 
 
 # ---- Activation statistics per group ------------------------------------------------------------
@@ -462,23 +406,7 @@ def activations_markdown(rows: list[dict[str, Any]]) -> str:
 
 def plot_activations(rows: list[dict[str, Any]], path: str) -> None:
   """One panel per statistic: its value per layer, one line per group."""
-  groups = list(dict.fromkeys(r["group"] for r in rows))
-  layers = list(dict.fromkeys(r["layer"] for r in rows))
-  fig = Figure(figsize=(4.2 * len(probe.STATS), 4.0))
-  axes = fig.subplots(1, len(probe.STATS), squeeze=False)[0]
-  for ax, stat in zip(axes, probe.STATS):
-    for g, color in zip(groups, _colors(len(groups))):
-      points = {r["layer"]: r[stat] for r in rows if r["group"] == g}
-      ax.plot(
-        range(len(layers)), [points.get(layer, math.nan) for layer in layers], "o-", color=color, label=g, ms=3, lw=1
-      )
-    ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize="x-small")
-    ax.set_title(stat)
-    ax.grid(alpha=0.3)
-  handles, labels = axes[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="outside right center", fontsize="x-small")
-  fig.set_layout_engine("constrained")
-  plots.save(fig, path)
+  plots.plot_layer_stats(rows, probe.STATS, path)
 
 
 def compare(

@@ -1,4 +1,4 @@
-"""PNG figures of a run: training curves and confusion matrices.
+"""PNG figures: a run's training curves and confusion matrix, and the curves and bars comparing groups of runs.
 
 matplotlib through `matplotlib.figure.Figure`, never pyplot: no global backend is switched and no
 figure outlives its function, so plotting is safe in notebooks, threads and headless machines.
@@ -105,4 +105,94 @@ def plot_confusion(confusion: np.ndarray, path: str, class_names: list[str] | No
           j, i, label, ha="center", va="center", fontsize=8, color="white" if confusion[i, j] > threshold else "black"
         )
   fig.tight_layout()
+  save(fig, path)
+
+
+# ---- Groups of runs (jaxcollab compare) -------------------------------------------------------
+
+
+def colors(n: int) -> list:
+  """n distinct colours, one per group."""
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top  # As in `figure`.
+
+  cmap = colormaps["tab10" if n <= 10 else "tab20"]
+  return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _band(runs: list[list[dict]], split: str, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
+  """Steps that every run logged, and the [runs, steps] values there."""
+  series = [{r["step"]: r[metric] for r in rows if r.get("split") == split and metric in r} for rows in runs]
+  steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+  if not steps:
+    return None
+  return np.array(steps), np.array([[s[t] for t in steps] for s in series], np.float64)
+
+
+def plot_group_curves(groups: dict[str, list[list[dict]]], panels: list[tuple[str, str]], path: str) -> None:
+  """One panel per (split, metric); per group (name: its runs' metric rows), the mean and a min-max band."""
+  fig = figure(figsize=(5.2 * len(panels), 4.2))
+  axes = fig.subplots(1, len(panels), squeeze=False)[0]
+  for ax, (split, metric) in zip(axes, panels):
+    for (name, runs), color in zip(groups.items(), colors(len(groups))):
+      band = _band(runs, split, metric)
+      if band is None:
+        continue
+      steps, values = band
+      ax.plot(steps, values.mean(0), color=color, label=name, lw=1.2)
+      ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.18, lw=0)
+    ax.set_title(f"{split} {metric}")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if metric == "loss":
+      ax.set_yscale("log")
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="outside right center", fontsize="x-small")
+  fig.set_layout_engine("constrained")
+  save(fig, path)
+
+
+def plot_group_bars(
+  intervals: dict[str, tuple[float, float, float]], seeds: dict[str, np.ndarray], label: str, path: str
+) -> None:
+  """Per group: a bar at the mean with its (low, high) interval, and each seed's value as a dot."""
+  names = list(intervals)
+  fig = figure(figsize=(max(5.0, 0.45 * len(names) + 2), 4.5))
+  ax = fig.subplots()
+  x = np.arange(len(names))
+  means, low, high = (np.array([intervals[n][i] for n in names]) for i in range(3))
+  err = np.nan_to_num(np.stack([means - low, high - means]))
+  ax.bar(x, means, yerr=err, capsize=3, color=colors(len(names)), alpha=0.75)
+  for i, name in enumerate(names):
+    values = seeds.get(name, np.zeros(0))
+    ax.plot(np.full(len(values), i), values, "k.", ms=3)
+  ax.set_xticks(x, names, rotation=60, ha="right", fontsize="x-small")
+  ax.set_ylabel(label)
+  finite = np.concatenate([*seeds.values(), low[np.isfinite(low)], high[np.isfinite(high)]])
+  if finite.size:
+    span = finite.max() - finite.min()
+    ax.set_ylim(finite.min() - 0.1 * span - 1e-9, finite.max() + 0.1 * span + 1e-9)
+  ax.set_title(f"{label}: mean, 95% CI, seeds")
+  ax.grid(alpha=0.3, axis="y")
+  fig.set_layout_engine("constrained")
+  save(fig, path)
+
+
+def plot_layer_stats(rows: list[dict[str, Any]], stats: tuple[str, ...], path: str) -> None:
+  """One panel per statistic: its value per layer, one line per group (rows: group, layer, *stats)."""
+  groups = list(dict.fromkeys(r["group"] for r in rows))
+  layers = list(dict.fromkeys(r["layer"] for r in rows))
+  fig = figure(figsize=(4.2 * len(stats), 4.0))
+  axes = fig.subplots(1, len(stats), squeeze=False)[0]
+  for ax, stat in zip(axes, stats):
+    for g, color in zip(groups, colors(len(groups))):
+      points = {r["layer"]: r[stat] for r in rows if r["group"] == g}
+      ax.plot(
+        range(len(layers)), [points.get(layer, np.nan) for layer in layers], "o-", color=color, label=g, ms=3, lw=1
+      )
+    ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize="x-small")
+    ax.set_title(stat)
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="outside right center", fontsize="x-small")
+  fig.set_layout_engine("constrained")
   save(fig, path)

@@ -101,16 +101,18 @@ def test_training_without_dropout_needs_no_rng():
   np.testing.assert_array_equal(apply(True), apply(False))
 
 
+def loss_and_grads(model: gpt_lib.GPT):
+  """A loss of the model on tokens() and its gradients with respect to params()."""
+  x = tokens()
+
+  def loss(p):
+    logits = model.apply({"params": p}, x, train=True)
+    return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  return jax.jit(jax.value_and_grad(loss))(params())
+
+
 def test_remat_gives_the_same_loss_and_gradients():
-  x, p = tokens(), params()
-
-  def loss_and_grads(model):
-    def loss(p):
-      logits = model.apply({"params": p}, x, train=True)
-      return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
-
-    return jax.jit(jax.value_and_grad(loss))(p)
-
   (l0, g0), (l1, g1) = loss_and_grads(build()), loss_and_grads(build(remat=True))
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
@@ -208,6 +210,8 @@ def test_impossible_attention_is_one_sentence(requested, platform, dtype, head_d
 
 @pytest.mark.parametrize("value, needle", [("cudnn", "needs an NVIDIA GPU"), ("flash", "got 'flash'")])
 def test_cli_refuses_cudnn_on_cpu_before_compiling(tmp_path, capsys, value, needle):
+  if value == "cudnn" and jax.devices()[0].platform == "gpu":
+    pytest.skip("cuDNN is possible here (an H200 ran this file's GPU tests)")
   code = main.main(
     [
       "train",
@@ -383,3 +387,45 @@ def test_dense_dot_general_has_autodiffs_gradients(shape):
   ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w)), (0, 1))(x, w)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --- Token embedding gradient as a one-hot matmul -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "platform, vocab, expected",
+  [("cuda", 256, True), ("rocm", 256, True), ("tpu", 8192, True), ("cuda", 50257, False), ("cpu", 256, False)],
+)
+def test_one_hot_embed_grad_choice(platform, vocab, expected):
+  assert gpt_lib.one_hot_embed_grad(platform, vocab) is expected
+
+
+def test_embed_tokens_gradient_counts_repeated_tokens_exactly():
+  table = jax.random.normal(jax.random.key(8), (64, 8))
+  tokens_BxL = jnp.array([[3, 3, 3, 5], [3, 0, 5, 63]], jnp.int32)  # Repeats, as text has.
+  g = jax.random.normal(jax.random.key(9), (2, 4, 8))
+  out, pull = jax.vjp(lambda t: gpt_lib.embed_tokens(t, tokens_BxL, jnp.float32), table)
+  np.testing.assert_array_equal(out, table[tokens_BxL])
+  (grad,) = pull(g)
+  expected = np.zeros((64, 8), np.float64)
+  np.add.at(expected, np.asarray(tokens_BxL).ravel(), np.asarray(g, np.float64).reshape(-1, 8))
+  np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-6)
+  assert not np.asarray(grad)[[1, 2, 4]].any()  # Rows of tokens not in the batch get nothing.
+
+
+def test_embed_tokens_in_bf16_sums_in_float32():
+  # 4096 copies of one token: a bf16 scatter-add (flax's nn.Embed) rounds the running sum; ours does not.
+  table = jnp.zeros((16, 4), jnp.float32)
+  tokens_BxL = jnp.zeros((1, 4096), jnp.int32)
+  g = jnp.full((1, 4096, 4), 1.0 + 2**-7, jnp.bfloat16)  # Exact in bf16.
+  ours = jax.grad(lambda t: jnp.sum(gpt_lib.embed_tokens(t, tokens_BxL, jnp.bfloat16) * g))(table)
+  flax_way = jax.grad(lambda t: jnp.sum(jnp.take(t.astype(jnp.bfloat16), tokens_BxL, axis=0) * g))(table)
+  exact = 4096 * (1.0 + 2**-7)
+  np.testing.assert_array_equal(ours[0], exact)
+  assert abs(float(flax_way[0, 0]) - exact) > abs(float(ours[0, 0]) - exact)
+
+
+def test_one_hot_embed_grad_gives_the_models_loss_and_gradients():
+  (l0, g0), (l1, g1) = loss_and_grads(build()), loss_and_grads(build(one_hot_embed_grad=True))
+  np.testing.assert_array_equal(l0, l1)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), g0, g1)
