@@ -397,7 +397,11 @@ def _train(
     while not finished:
       if steps_fn is not None and steps_in_call(step, config) > 1:
         batches = pipeline.take(train_iter, per_call)
-        state, step_metrics = steps_fn(state, sharding.to_global(batches, stacked_sharding))
+        if jax.process_count() > 1:  # Each process's block joins the global array.
+          batches = sharding.to_global(batches, stacked_sharding)
+        # One process: jit places the host arrays by its in_shardings inside the call, which took
+        # 18-30% less of the loop's host time than a device_put before it (mlp_digits).
+        state, step_metrics = steps_fn(state, batches)
         count = per_call
       else:
         batch = sharding.to_global(next(train_iter), batch_sharding)
