@@ -1,5 +1,9 @@
 """grain pipelines that turn random-access examples into per-process train and eval batches.
 
+Train batches of examples held in memory come from `TrainIterator`, which reads a loop call's
+batches in one gather on the caller's thread; records read one by one (TFDS) go through grain's
+reader threads or worker processes. Both iterators have the same checkpointable state.
+
 Batches are dicts of numpy arrays:
   image: {"image": float32 [B,H,W,C] in [0,1], "label": int32 [B], "mask": float32 [B]}, and
          with dataset.augment, train batches also carry "augment": float32 [B,4], each image's
