@@ -117,14 +117,12 @@ class Progress:
 
   def update(self, step: int, values: dict[str, float]) -> None:
     """Moves the bar to `step`, or prints a line if `step` is a multiple of `every` or the last."""
-    if not self.enabled:
+    if not self.enabled or (self._bar is None and step % self.every and step != self.total):
       return
     text = " ".join(f"{k} {float(v):.4f}" for k, v in values.items())
     if self._bar is not None:
       self._bar.set_postfix_str(text, refresh=False)
       self._bar.update(step - self._bar.n)
-      return
-    if step % self.every and step != self.total:
       return
     now = time.perf_counter()
     elapsed = now - self._last_time

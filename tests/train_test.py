@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxcollab import config as config_lib
-from jaxcollab import data, evaluate, sharding, train
+from jaxcollab import data, evaluate, metrics, sharding, train
 from jaxcollab import run as run_lib
 from jaxcollab.data import augment
 from jaxcollab.errors import NonFiniteLossError, UserError
@@ -223,3 +223,42 @@ def test_several_steps_per_call_equal_one_step_per_call(tmp_path, name):
   assert all(0 < r["examples_per_s"] < math.inf for r in rows[4] if r["split"] == "train")
   drop_rate = lambda rs: [{k: v for k, v in r.items() if k != "examples_per_s"} for r in rs]
   assert drop_rate(rows[4]) == drop_rate(rows[1])
+
+
+class _Rows:
+  """A MetricWriter stand-in that keeps the rows."""
+
+  def __init__(self):
+    self.rows = []
+
+  def write(self, step, split, values):
+    self.rows.append((step, split, values))
+
+
+def _log(calls, in_flight, log_every=2):
+  """Rows a StepLogger writes for `calls` [(count, losses)], pulling metrics `in_flight` calls late."""
+  config = smoke("mlp_digits", f"train.log_every={log_every}", "train.steps=12")
+  writer = _Rows()
+  logger = train.StepLogger(writer, metrics.Progress(12, enabled=False), config, 0, 32, "examples_per_s", in_flight)
+  step = 0
+  for count, losses in calls:
+    step += max(count, 1)
+    logger.push(step, {"loss": jax.numpy.asarray(losses if count else losses[0])}, count)
+  logger.flush()
+  return writer.rows
+
+
+def test_step_logger_rows_do_not_depend_on_how_late_metrics_are_pulled():
+  calls = [(0, [1.0]), (4, [2.0, 3.0, 4.0, 5.0]), (0, [6.0]), (3, [7.0, 8.0, 9.0]), (3, [10.0, 11.0, 12.0])]
+  rows = {n: _log(calls, n) for n in (1, 2, 4)}
+  assert [(s, v["loss"]) for s, _, v in rows[1]] == [(s, float(s)) for s in range(2, 13, 2)]
+  for n in (2, 4):
+    assert [(s, split, v["loss"]) for s, split, v in rows[n]] == [(s, split, v["loss"]) for s, split, v in rows[1]]
+    assert all(0 < v["examples_per_s"] < math.inf for _, _, v in rows[n])
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_step_logger_names_the_first_non_finite_step_inside_a_call(in_flight):
+  calls = [(4, [1.0, 2.0, 3.0, 4.0]), (4, [5.0, math.inf, math.nan, 6.0]), (1, [7.0]), (1, [8.0])]
+  with pytest.raises(NonFiniteLossError, match="became inf at step 6;"):
+    _log(calls, in_flight)

@@ -1,5 +1,9 @@
 """grain pipelines that turn random-access examples into per-process train and eval batches.
 
+Train batches of examples held in memory come from `TrainIterator`, which reads a loop call's
+batches in one gather on the caller's thread; records read one by one (TFDS) go through grain's
+reader threads or worker processes. Both iterators have the same checkpointable state.
+
 Batches are dicts of numpy arrays:
   image: {"image": float32 [B,H,W,C] in [0,1], "label": int32 [B], "mask": float32 [B]}, and
          with dataset.augment, train batches also carry "augment": float32 [B,4], each image's
@@ -57,6 +61,11 @@ class ImageExamples:
   def __len__(self) -> int:
     return len(self._records[1]) if self._arrays else len(self._records)
 
+  @property
+  def resident(self) -> bool:
+    """Whether the examples are arrays in memory (not records read and decoded one by one)."""
+    return self._arrays
+
   def __getitem__(self, index: int) -> Example:
     if self._arrays:
       image, label = self._records[0][index], self._records[1][index]
@@ -75,7 +84,12 @@ class ImageExamples:
       records = [self._records[int(i)] for i in indices]
       images = np.stack([np.asarray(r["image"]) for r in records])
       labels = np.array([r["label"] for r in records])
-    return {"image": images.astype(np.float32) * np.float32(self._scale), "label": labels.astype(np.int32)}
+    # No copies beyond the gather where the arrays are float32 [0,1] already (digits): a copy of a
+    # call's images is ~0.3 MB, and large allocations cost page faults with huge pages (runtime.py).
+    if self._scale != 1.0:
+      images = np.multiply(images, np.float32(self._scale), dtype=np.float32)
+    images = images.astype(np.float32, copy=False)
+    return {"image": images, "label": labels.astype(np.int32, copy=False)}
 
 
 class TextWindows:
@@ -93,6 +107,8 @@ class TextWindows:
 
   def __len__(self) -> int:
     return self._length
+
+  resident = True  # One byte array in memory.
 
   def __getitem__(self, index: int) -> Example:
     start = index * self._seq_len
@@ -162,15 +178,61 @@ class _TrainBatch:
     return cached[1]
 
   def __call__(self, step: int) -> Example:
-    epoch, step_in_epoch = divmod(int(step), self._steps_per_epoch)
+    return {k: v[0] for k, v in self.read(np.array([step])).items()}
+
+  def read(self, steps_K: np.ndarray) -> Example:
+    """The batches of local steps `steps_K` stacked on a leading axis [K, B, ...], read in one gather."""
+    epoch_K, step_in_epoch_K = np.divmod(steps_K.astype(np.int64), self._steps_per_epoch)
     global_batch = self._batch_size * self._process_count
-    in_epoch_B = step_in_epoch * global_batch + self._process_index * self._batch_size + np.arange(self._batch_size)
-    batch = read_batch(self._examples, self._order(epoch)[in_epoch_B])
+    in_epoch_KxB = (
+      step_in_epoch_K[:, None] * global_batch + self._process_index * self._batch_size + np.arange(self._batch_size)
+    )
+    indices_KxB = np.empty_like(in_epoch_KxB)
+    for epoch in np.unique(epoch_K):  # Ascending: a read across an epoch boundary leaves the newer order cached.
+      rows = epoch_K == epoch
+      indices_KxB[rows] = self._order(int(epoch))[in_epoch_KxB[rows]]
+    K, B = indices_KxB.shape
+    batch = read_batch(self._examples, indices_KxB.reshape(-1))
     if self._augment:
-      positions_B = epoch * self._steps_per_epoch * global_batch + in_epoch_B
+      positions_N = (epoch_K[:, None] * self._steps_per_epoch * global_batch + in_epoch_KxB).reshape(-1)
       # Only the draws are made here; the train step moves the pixels (augment.apply_to_batch).
-      batch[augment_lib.KEY] = augment_lib.draws(self._seed, positions_B, batch["image"].shape[1], self._flip)
-    return batch
+      batch[augment_lib.KEY] = augment_lib.draws(self._seed, positions_N, batch["image"].shape[1], self._flip)
+    return {k: v.reshape((K, B) + v.shape[1:]) for k, v in batch.items()}
+
+
+class TrainIterator(grain.DatasetIterator):
+  """Train batches of resident examples, read on the calling thread, one step or a call's steps in one gather.
+
+  Its state is grain's prefetching iterator's ({"next_index": local step}), so a checkpoint of
+  either resumes the other exactly.
+  """
+
+  def __init__(self, batches: _TrainBatch):
+    super().__init__()
+    self._batches, self._next = batches, 0
+
+  def __next__(self) -> Example:
+    return self.take(1, stacked=False)
+
+  def take(self, count: int, stacked: bool = True) -> Example:
+    """The next `count` batches stacked on a leading axis [count, B, ...] (or the one batch, unstacked)."""
+    batch = self._batches.read(self._next + np.arange(count))
+    self._next += count
+    return batch if stacked else {k: v[0] for k, v in batch.items()}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"next_index": self._next}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._next = int(state["next_index"])
+
+
+def take(iterator: Any, count: int) -> Example:
+  """The next `count` batches of `iterator` stacked on a new leading axis: one read where it can."""
+  if isinstance(iterator, TrainIterator):
+    return iterator.take(count)
+  batches = [next(iterator) for _ in range(count)]
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +300,10 @@ class Dataset:
       augment=self._augment,
       flip=self._flip,
     )
+    if self._num_workers == 0 and getattr(self._train, "resident", False):
+      # Resident arrays: a call's batches are one numpy gather of ~10-100 us, cheaper on this thread
+      # than handing batches over from grain's threads, which compete with the train step for the cores.
+      return TrainIterator(batches)
     # Whole batches are read (and their augmentation drawn) in one numpy call each; grain runs
     # them ahead in threads and checkpoints the step reached (`next_index`), from which resuming is exact.
     return self._to_iterator(grain.MapDataset.range(sys.maxsize).map(batches))

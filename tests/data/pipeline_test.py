@@ -242,3 +242,40 @@ def test_text_batches_match_windows_read_one_by_one():
   for i in range(len(windows)):
     for k, v in windows[i].items():
       np.testing.assert_array_equal(batched[k][i], v)
+
+
+def _records(ds):
+  """The same examples as `ds`'s, served as records one by one (as TFDS sources are): grain's threaded path."""
+  examples = ds._train  # pylint: disable=protected-access
+  images, labels = examples._records  # pylint: disable=protected-access
+  records = [{"image": images[i], "label": labels[i]} for i in range(len(examples))]
+  return pipeline.Dataset(ds.info, pipeline.ImageExamples(records), lambda split: examples, augment=ds.augments)
+
+
+@pytest.mark.parametrize("process_index", [0, 1])
+def test_take_equals_next_stacked_across_epochs_and_leaves_the_same_state(process_index):
+  ds = _indexed(50, augment=True)  # 50 // (5 * 2) = 5 steps per epoch.
+  one, many = (ds.train_iterator(batch_size=5, seed=3, process_index=process_index, process_count=2) for _ in range(2))
+  for count in (3, 4, 7, 1):  # Calls that start and end inside and across epochs.
+    stacked = pipeline.take(many, count)
+    batches = _take(one, count)
+    for k, v in stacked.items():
+      assert v.shape == (count, *batches[0][k].shape)
+      np.testing.assert_array_equal(v, np.stack([b[k] for b in batches]))
+    assert many.get_state() == one.get_state()
+
+
+def test_resident_and_record_sources_give_the_same_batches_and_interchangeable_states():
+  resident = _indexed(60, augment=True)
+  threaded = _records(resident)
+  fast, grained = resident.train_iterator(batch_size=8, seed=1), threaded.train_iterator(batch_size=8, seed=1)
+  assert isinstance(fast, pipeline.TrainIterator) and not isinstance(grained, pipeline.TrainIterator)
+  _assert_same(_take(fast, 9), _take(grained, 9))  # 7 steps per epoch: across a reshuffle.
+  state = grained.get_state()
+  assert fast.get_state() == state
+  # Either source resumes from that state exactly (checkpoints so far hold grain's iterator state).
+  expected = _take(fast, 3)
+  for target in (resident, threaded):
+    resumed = target.train_iterator(batch_size=8, seed=1)
+    resumed.set_state(json.loads(json.dumps(state)))
+    _assert_same(_take(resumed, 3), expected)
