@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -56,39 +55,6 @@ def decay_mask(params: PyTree) -> PyTree:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-# Trees up to this many elements take their norm over one concatenation of their leaves (a copy of
-# at most 64 MiB in float32); larger ones leaf by leaf, as optax does.
-CONCAT_NORM_MAX_SIZE = 1 << 24
-
-
-def global_norm(tree: PyTree) -> jax.Array:
-  """The L2 norm of all the leaves of `tree` together, as `optax.tree.norm`, in one reduction where small.
-
-  XLA:CPU generates a kernel for each leaf's reduction: the gpt_pydocs step's four norms (the
-  clipping's and three health metrics) cost ~0.8 of its ~3.2 CPU-s of compilation leaf by leaf,
-  and almost nothing over one concatenation. The sum's order differs from optax's (rounding only).
-  Traced under a mesh of several devices (`sharding.activation_context`), leaf by leaf: there a
-  concatenation would first gather the sharded leaves.
-  """
-  leaves = jax.tree.leaves(tree)
-  mesh = jax.sharding.get_abstract_mesh()
-  if not leaves or sum(x.size for x in leaves) > CONCAT_NORM_MAX_SIZE or (not mesh.empty and mesh.size > 1):
-    return optax.tree.norm(tree)
-  return jnp.sqrt(jnp.sum(jnp.square(jnp.concatenate([jnp.ravel(x) for x in leaves]))))
-
-
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-  """`optax.clip_by_global_norm` with the norm from `global_norm`; the same (empty) state, so checkpoints match."""
-
-  def update_fn(updates: PyTree, state: optax.EmptyState, params: PyTree = None) -> tuple[PyTree, optax.EmptyState]:
-    del params
-    norm = global_norm(updates)
-    inside = norm < max_norm
-    return jax.tree.map(lambda t: jax.lax.select(inside, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
-
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
-
-
 def _adam(c: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
   return optax.adam(lr, b1=c.b1, b2=c.b2)
 
@@ -125,7 +91,7 @@ def make_optimizer(
   schedule = make_schedule(opt_config, total_updates)
   tx = config_lib.lookup(OPTIMIZERS, "optimizer.name", opt_config.name)(opt_config, schedule)
   if opt_config.grad_clip > 0:
-    tx = optax.chain(clip_by_global_norm(opt_config.grad_clip), tx)
+    tx = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip), tx)
   if k > 1:
     # Clipping sits inside MultiSteps, so it caps the accumulated (mean) gradient of each update.
     tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()

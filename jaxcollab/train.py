@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from jaxcollab import checkpoint, evaluate, metrics, models, optim, plots, records, reload, sharding
+from jaxcollab import checkpoint, evaluate, metrics, models, plots, records, reload, sharding
 from jaxcollab import config as config_lib
 from jaxcollab import run as run_lib
 from jaxcollab import stop as stop_lib
@@ -53,9 +53,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
   out = {
     "loss": loss,
     "learning_rate": state.lr_fn(state.step),
-    "grad_norm": optim.global_norm(grads),
-    "param_norm": optim.global_norm(params),
-    "update_norm": optim.global_norm(updates),
+    "grad_norm": optax.tree.norm(grads),
+    "param_norm": optax.tree.norm(params),
+    "update_norm": optax.tree.norm(updates),
   }
   if "label" in batch:
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)

@@ -95,46 +95,6 @@ def test_grad_clipping_caps_the_global_norm():
   np.testing.assert_allclose(new["b"], -small["b"], rtol=1e-6)
 
 
-def _reductions(fn, tree) -> int:
-  """reduce_sum equations in fn's jaxpr, inside nested jits too."""
-
-  def count(jaxpr) -> int:
-    n = 0
-    for eqn in jaxpr.eqns:
-      n += eqn.primitive.name == "reduce_sum"
-      n += sum(count(getattr(v, "jaxpr", v)) for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr"))
-    return n
-
-  return count(jax.make_jaxpr(lambda t: fn(t))(tree).jaxpr)  # A new function: no cached trace.
-
-
-def test_global_norm_is_optax_norm_in_one_reduction_or_leaf_by_leaf(monkeypatch):
-  tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.full((4,), -2.0)}, "d": jnp.ones((1,))}
-  expected = float(optax.tree.norm(tree))
-  assert float(optim.global_norm(tree)) == pytest.approx(expected, rel=1e-6)
-  assert _reductions(optim.global_norm, tree) == 1  # One kernel for XLA:CPU to generate, not one per leaf.
-  monkeypatch.setattr(optim, "CONCAT_NORM_MAX_SIZE", 10)  # The tree's 11 elements: too many to copy.
-  assert float(optim.global_norm(tree)) == pytest.approx(expected, rel=1e-6)
-  assert _reductions(optim.global_norm, tree) == 3
-  assert float(optim.global_norm({})) == 0.0
-  monkeypatch.undo()
-  devices = np.array(jax.devices()[:2])
-  if len(devices) == 2:  # Under a mesh of several devices a concatenation would gather sharded leaves.
-    with jax.sharding.use_abstract_mesh(jax.sharding.Mesh(devices, ("data",)).abstract_mesh):
-      assert _reductions(optim.global_norm, tree) == 3
-
-
-def test_clipping_equals_optax_with_the_same_state():
-  ours, theirs = optim.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
-  params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros((2,))}
-  assert jax.tree.structure(ours.init(params)) == jax.tree.structure(theirs.init(params))  # Checkpoints match.
-  for scale in (0.01, 10.0):  # Left alone, then capped.
-    grads = jax.tree.map(lambda p: scale * jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape), params)
-    ours_out, _ = ours.update(grads, ours.init(params))
-    theirs_out, _ = theirs.update(grads, theirs.init(params))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours_out, theirs_out)
-
-
 def test_sgd_plain_momentum_and_nesterov():
   params, grads = {"w": jnp.ones((2,))}, {"w": jnp.asarray([1.0, -2.0])}
   second_updates = {}
