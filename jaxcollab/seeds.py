@@ -30,6 +30,7 @@ from jaxcollab import run as run_lib
 from jaxcollab import stop as stop_lib
 from jaxcollab import workdir as workdir_lib
 from jaxcollab.config import ConfigDict
+from jaxcollab.data import pipeline
 from jaxcollab.run import TrainState
 
 PyTree = Any
@@ -131,11 +132,11 @@ class Stacked:
 
   def batch(self, local: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
     """The seeds' batches stacked on the seed axis, placed in one transfer."""
-    return jax.device_put(train.stack_batches(local), self.batch_sharding)  # One process (why_not_vmapped).
+    return jax.device_put(pipeline.stack(local), self.batch_sharding)  # One process (why_not_vmapped).
 
   def batches(self, rounds: list[list[dict[str, np.ndarray]]]) -> dict[str, jax.Array]:
     """Several steps' batches, [step, seed, batch, ...], for `train_steps`."""
-    return jax.device_put(train.stack_batches([train.stack_batches(r) for r in rounds]), self.calls_sharding)
+    return jax.device_put(pipeline.stack([pipeline.stack(r) for r in rounds]), self.calls_sharding)
 
   def eval_sums(self, state: TrainState) -> list[dict[str, np.ndarray]]:
     """Each seed's eval sums (see `Evaluator.sums`), every eval batch evaluated for all seeds at once."""

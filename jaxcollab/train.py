@@ -145,11 +145,6 @@ def steps_in_call(step: int, config: ConfigDict) -> int:
   return config.train.steps_per_call
 
 
-def stack_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Host batches (or stacks of them) stacked on a new leading axis, key by key."""
-  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
-
-
 def _target_met(target: tuple[str, str, float] | None, result: dict[str, float]) -> bool:
   if target is None or target[0] not in result:
     return False

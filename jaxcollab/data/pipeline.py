@@ -227,12 +227,16 @@ class TrainIterator(grain.DatasetIterator):
     self._next = int(state["next_index"])
 
 
+def stack(batches: list[Example]) -> Example:
+  """Host batches (or stacks of them) stacked on a new leading axis, key by key."""
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
 def take(iterator: Any, count: int) -> Example:
   """The next `count` batches of `iterator` stacked on a new leading axis: one read where it can."""
   if isinstance(iterator, TrainIterator):
     return iterator.take(count)
-  batches = [next(iterator) for _ in range(count)]
-  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+  return stack([next(iterator) for _ in range(count)])
 
 
 @dataclasses.dataclass(frozen=True)
