@@ -108,12 +108,14 @@ def jit_train_step_ahead(run: Run) -> tuple[jax.stages.Wrapped, Callable[[], Non
 def compile_ahead(run: Run, init: bool = True) -> tuple[jax.stages.Wrapped, Callable[[], None], Callable | None]:
   """(step, wait for its compilation, the initial state's maker or None): how `jaxcollab train` starts.
 
-  The step, the longest compilation (~2-3 s of a cold start on a 2-core CPU), is traced and starts
-  compiling first; the init program (when `init`: no checkpoint to restore) compiles beside it on a
-  second thread. benchmarks/cpu_vs_torch.py times its cold start through this same function.
+  The init program (when `init`: no checkpoint to restore) is lowered first, a tenth of a second, and
+  compiles on a thread while this thread traces the step, which is Python's work on one core; the
+  step (~2 s of a cold start on a 2-core CPU) then compiles beside what is left of it.
+  benchmarks/cpu_vs_torch.py times its cold start through this same function.
   """
+  init_state = run.init_state_ahead() if init else None
   step, compiled = jit_train_step_ahead(run)
-  return step, compiled, run.init_state_ahead() if init else None
+  return step, compiled, init_state
 
 
 def jit_train_steps(run: Run, count: int) -> Callable:

@@ -6,6 +6,7 @@ born sharded, while parameters and optimizer moments really live split the way t
 """
 
 import math
+import warnings
 
 import flax.linen as nn
 import jax
@@ -331,13 +332,54 @@ def test_init_equals_the_default_compilation_bit_for_bit(name, overrides, device
   run = run_lib.build(config, jax.devices()[:devices])
   with CompileCounter() as counter:
     state = run.init_state()
-  assert counter.count == 1  # One program: the rng, optimizer state and parameters together.
+  assert counter.count == 1  # One program, for the leaves that are not filled on the host.
   default = jax.jit(run.init_fn, out_shardings=run.shardings)()
   leaves, expected = jax.tree.leaves(state), jax.tree.leaves(default)
   assert len(leaves) == len(expected)
   for a, b in zip(leaves, expected):
-    assert a.sharding == b.sharding
+    assert a.sharding == b.sharding and a.dtype == b.dtype and a.shape == b.shape
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_fills_constant_leaves_on_the_host_and_compiles_only_the_drawn_ones():
+  run = run_lib.build(smoke("gpt_pydocs", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), jax.devices())
+  closed = jax.make_jaxpr(run.init_fn)()
+  fills = sharding._constant_outputs(closed.jaxpr)  # pylint: disable=protected-access
+  state = run.init_state()
+  leaves = jax.tree.leaves_with_path(state)
+  assert len(fills) == len(leaves)
+  for (path, leaf), fill in zip(leaves, fills):
+    name = jax.tree_util.keystr(path)
+    drawn = "kernel" in name or "embed" in name or name.startswith(".rng")
+    is_moment = ".opt_state" in name
+    # Drawn parameters (and the rng) come from the program; biases, norm scales, moments and counts are fills.
+    assert (fill is None) == (drawn and not is_moment), name
+    if fill is not None:
+      np.testing.assert_array_equal(np.asarray(leaf), np.full(leaf.shape, fill, leaf.dtype))
+  # The train step takes the host-made leaves as its donated state: no copy, no warning.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    step = train.jit_train_step(run)
+    it = run.dataset.train_iterator(batch_size=run.config.train.batch_size, seed=0)
+    state, metrics = step(state, sharding.to_global(next(it), sharding.batch_sharding(run.mesh)))
+  assert np.isfinite(float(metrics["loss"]))
+
+
+def test_only_outputs_drops_the_equations_the_kept_outputs_do_not_need():
+  def fn():
+    x = jnp.arange(6.0)
+    dead = jnp.sin(jnp.cos(x)).sum()  # Needed by the dropped output only.
+    return x * 2.0, dead, jnp.zeros((3,))
+
+  closed = jax.make_jaxpr(fn)()
+  kept = sharding._only_outputs(closed, [0, 2])  # pylint: disable=protected-access
+  names = {e.primitive.name for e in kept.jaxpr.eqns}
+  assert "sin" not in names and "cos" not in names
+  assert len(kept.jaxpr.eqns) < len(closed.jaxpr.eqns)
+  a, z = jax.extend.core.jaxpr_as_fun(kept)()
+  np.testing.assert_array_equal(a, np.arange(6.0) * 2.0)
+  np.testing.assert_array_equal(z, np.zeros(3))
+  assert sharding._constant_outputs(closed.jaxpr) == [None, None, 0.0]  # pylint: disable=protected-access
 
 
 # --- Activation constraints -----------------------------------------------------------------------
