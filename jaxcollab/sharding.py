@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxcollab import pytree
+from jaxcollab import jaxprs, pytree, threefry
 from jaxcollab.config import ConfigDict
 from jaxcollab.errors import UserError
 
@@ -235,10 +235,11 @@ def create_sharded_ahead(init_fn: Callable[[], PyTree], shardings: PyTree) -> Ca
   """`create_sharded`, its program lowered now and compiled on a thread (`compile_on_thread`); call the
   result for the state (it raises the compilation's error, if any).
 
-  On the CPU, the leaves that `init_fn` fills with one constant (biases, norm scales, the optimizer's
-  moments: 141 of gpt_pydocs' 160) are made on the host, and the program computes only the others.
-  XLA:CPU compiles a kernel for each output, and those kernels were most of the init's compilation,
-  which shares the cores of a cold start with the step's. The values are the same to the bit.
+  On the CPU, the host does what XLA:CPU was slowest to compile: the leaves that `init_fn` fills with
+  one constant (biases, norm scales, the optimizer's moments: 141 of gpt_pydocs' 160; XLA compiles a
+  kernel per output) and the threefry draws (`threefry.host_draws`); the program only turns the bits
+  into parameters. The init's compilation, which shares the cores of a cold start with the step's,
+  went from 56 kernels to a few; the values are the same to the bit (tests/sharding_test.py).
   """
   platforms = {d.platform for s in jax.tree.leaves(shardings) for d in s.device_set}
   platform = platforms.pop() if len(platforms) == 1 else None
@@ -250,16 +251,30 @@ def create_sharded_ahead(init_fn: Callable[[], PyTree], shardings: PyTree) -> Ca
   if platform not in HOST_FILLED_PLATFORMS or len(shapes) != len(leaf_shardings):
     compiled = compile_on_thread(jax.jit(init_fn, out_shardings=shardings).lower(), "init", options)
     return lambda: compiled()()
-  fills = _constant_outputs(closed.jaxpr)
+  fills = jaxprs.constant_outputs(closed.jaxpr)
   computed = [i for i, fill in enumerate(fills) if fill is None]
-  program = jax.extend.core.jaxpr_as_fun(_only_outputs(closed, computed))
-  lowered = jax.jit(program, out_shardings=[leaf_shardings[i] for i in computed]).lower()
+  # jax.random's draws sit in nested jit calls: inlined, the host can make them (and drop what is dead in them).
+  closed = jaxprs.only_outputs(jaxprs.inline_jits(jaxprs.only_outputs(closed, computed)), list(range(len(computed))))
+  drawn = threefry.host_draws(closed) if isinstance(leaf_shardings[0], NamedSharding) else None
+  program, inputs, host_values = drawn or (closed, [], [None] * len(computed))
+  for i, value in zip(computed, host_values):
+    fills[i] = value
+  from_program = [i for i in computed if fills[i] is None]
+  # The drawn bits go in whole to every device: elementwise maps of them make the sharded leaves.
+  whole = NamedSharding(leaf_shardings[0].mesh, P())
+  lowered = jax.jit(
+    jax.extend.core.jaxpr_as_fun(program), out_shardings=[leaf_shardings[i] for i in from_program]
+  ).lower(*[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, sharding=whole) for v in program.jaxpr.invars])
   compiled = compile_on_thread(lowered, "init", options)
 
   def make() -> PyTree:
-    made = iter(compiled()())
+    values = [
+      _filled(v.aval.shape, v.aval.dtype, x() if callable(x) else x, whole)
+      for v, x in zip(program.jaxpr.invars, inputs)
+    ]
+    made = iter(compiled()(*values))
     leaves = [
-      next(made) if fill is None else _filled(shape, fill, sharding)
+      next(made) if fill is None else _filled(shape.shape, shape.dtype, fill, sharding)
       for shape, fill, sharding in zip(shapes, fills, leaf_shardings)
     ]
     return jax.tree.unflatten(treedef, leaves)
@@ -272,43 +287,13 @@ def create_sharded_ahead(init_fn: Callable[[], PyTree], shardings: PyTree) -> Ca
 HOST_FILLED_PLATFORMS = ("cpu",)
 
 
-def _constant_outputs(jaxpr: jax.extend.core.Jaxpr) -> list[Any]:
-  """For each output of `jaxpr`: the scalar that fills it, where it is a literal or its broadcast; else None."""
-  made_by = {id(v): eqn for eqn in jaxpr.eqns for v in eqn.outvars}
-  fills = []
-  for var in jaxpr.outvars:
-    eqn = made_by.get(id(var))
-    if isinstance(var, jax.extend.core.Literal):
-      fills.append(var.val)
-    elif eqn and eqn.primitive.name == "broadcast_in_dim" and isinstance(eqn.invars[0], jax.extend.core.Literal):
-      fills.append(eqn.invars[0].val)
-    else:
-      fills.append(None)
-  return fills
-
-
-def _only_outputs(closed: jax.extend.core.ClosedJaxpr, keep: list[int]) -> jax.extend.core.ClosedJaxpr:
-  """`closed` returning only its outputs `keep`, without the equations they do not need.
-
-  XLA would drop those equations too, but only after jax lowered them and XLA parsed them: the
-  model's forward pass, which flax's init traces, was 0.2 s of the gpt_pydocs init's start.
-  jax's own dead-code elimination is private (partial_eval.dce_jaxpr), hence these few lines.
-  """
-  jaxpr = closed.jaxpr
-  outvars = [jaxpr.outvars[i] for i in keep]
-  needed = {id(v) for v in outvars if not isinstance(v, jax.extend.core.Literal)}
-  eqns = []
-  for eqn in reversed(jaxpr.eqns):
-    if eqn.effects or any(id(v) in needed for v in eqn.outvars):
-      eqns.append(eqn)
-      needed.update(id(v) for v in eqn.invars if not isinstance(v, jax.extend.core.Literal))
-  return jax.extend.core.ClosedJaxpr(jaxpr.replace(outvars=outvars, eqns=eqns[::-1]), closed.consts)
-
-
-def _filled(shape: jax.ShapeDtypeStruct, value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
-  """An array of `shape` filled with `value`, made shard by shard on the host."""
-  shard_shape = sharding.shard_shape(shape.shape)
-  return jax.make_array_from_callback(shape.shape, sharding, lambda _: np.full(shard_shape, value, shape.dtype))
+def _filled(shape: tuple[int, ...], dtype: Any, fill: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """An array of `shape` made shard by shard on the host, from a scalar `fill` or a whole host array."""
+  if np.ndim(fill):
+    whole = np.asarray(fill, dtype)
+    return jax.make_array_from_callback(shape, sharding, lambda index: whole[index])
+  shard_shape = sharding.shard_shape(shape)
+  return jax.make_array_from_callback(shape, sharding, lambda _: np.full(shard_shape, fill, dtype))
 
 
 def compile_on_thread(

@@ -18,6 +18,8 @@ LAYERS = {
   "runtime": 1,
   "records": 1,
   "stop": 1,
+  "jaxprs": 1,  # Rewrites of jaxprs through jax.extend.core.
+  "threefry": 1,  # jax.random's threefry draws with numpy; sharding's init uses it.
   "choices": 1.5,  # Registry names and the checks that need only them (no jax); the components import them.
   "data": 2,
   "models": 2,

@@ -17,8 +17,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxcollab import config as config_lib
+from jaxcollab import jaxprs, sharding, threefry, train
 from jaxcollab import run as run_lib
-from jaxcollab import sharding, train
 from jaxcollab.errors import UserError
 
 STEPS = 3
@@ -323,6 +323,7 @@ def test_building_a_run_compiles_nothing_and_init_makes_only_shards():
     ("gpt_pydocs:smoke", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], 8),
     ("cnn_digits:smoke", ["mesh.data=1", "mesh.fsdp=8"], 8),
     ("mlp_digits:smoke", ["model.name=resnet", "model.width=8", "model.depth=18"], 1),
+    ("gpt_pydocs:smoke", ["model.scan_layers=True", "model.remat=True", "mesh.fsdp=2"], 2),  # nn.scan's vmapped keys.
   ],
 )
 def test_init_equals_the_default_compilation_bit_for_bit(name, overrides, devices):
@@ -341,10 +342,13 @@ def test_init_equals_the_default_compilation_bit_for_bit(name, overrides, device
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_init_fills_constant_leaves_on_the_host_and_compiles_only_the_drawn_ones():
+def test_init_fills_constants_and_draws_bits_on_the_host_and_compiles_only_the_rest():
   run = run_lib.build(smoke("gpt_pydocs", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), jax.devices())
   closed = jax.make_jaxpr(run.init_fn)()
-  fills = sharding._constant_outputs(closed.jaxpr)  # pylint: disable=protected-access
+  fills = jaxprs.constant_outputs(closed.jaxpr)
+  drawn = [i for i, fill in enumerate(fills) if fill is None]
+  program, _, _ = threefry.host_draws(jaxprs.inline_jits(jaxprs.only_outputs(closed, drawn)))
+  assert not any(e.primitive.name.startswith("random_") for e in program.jaxpr.eqns)  # The host draws them all.
   state = run.init_state()
   leaves = jax.tree.leaves_with_path(state)
   assert len(fills) == len(leaves)
@@ -363,23 +367,6 @@ def test_init_fills_constant_leaves_on_the_host_and_compiles_only_the_drawn_ones
     it = run.dataset.train_iterator(batch_size=run.config.train.batch_size, seed=0)
     state, metrics = step(state, sharding.to_global(next(it), sharding.batch_sharding(run.mesh)))
   assert np.isfinite(float(metrics["loss"]))
-
-
-def test_only_outputs_drops_the_equations_the_kept_outputs_do_not_need():
-  def fn():
-    x = jnp.arange(6.0)
-    dead = jnp.sin(jnp.cos(x)).sum()  # Needed by the dropped output only.
-    return x * 2.0, dead, jnp.zeros((3,))
-
-  closed = jax.make_jaxpr(fn)()
-  kept = sharding._only_outputs(closed, [0, 2])  # pylint: disable=protected-access
-  names = {e.primitive.name for e in kept.jaxpr.eqns}
-  assert "sin" not in names and "cos" not in names
-  assert len(kept.jaxpr.eqns) < len(closed.jaxpr.eqns)
-  a, z = jax.extend.core.jaxpr_as_fun(kept)()
-  np.testing.assert_array_equal(a, np.arange(6.0) * 2.0)
-  np.testing.assert_array_equal(z, np.zeros(3))
-  assert sharding._constant_outputs(closed.jaxpr) == [None, None, 0.0]  # pylint: disable=protected-access
 
 
 # --- Activation constraints -----------------------------------------------------------------------
