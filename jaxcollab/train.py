@@ -108,14 +108,13 @@ def jit_train_step_ahead(run: Run) -> tuple[jax.stages.Wrapped, Callable[[], Non
 def compile_ahead(run: Run, init: bool = True) -> tuple[jax.stages.Wrapped, Callable[[], None], Callable | None]:
   """(step, wait for its compilation, the initial state's maker or None): how `jaxcollab train` starts.
 
-  The init program (when `init`: no checkpoint to restore) is lowered first, a tenth of a second, and
-  compiles on a thread while this thread traces the step, which is Python's work on one core; the
-  step (~2 s of a cold start on a 2-core CPU) then compiles beside what is left of it.
+  The step, the longest compilation (~2 s of a cold start on a 2-core CPU), is traced and starts
+  compiling first; the init program (when `init`: no checkpoint to restore) compiles beside it on a
+  second thread, small on the CPU since the host draws its random bits (`sharding.create_sharded`).
   benchmarks/cpu_vs_torch.py times its cold start through this same function.
   """
-  init_state = run.init_state_ahead() if init else None
   step, compiled = jit_train_step_ahead(run)
-  return step, compiled, init_state
+  return step, compiled, run.init_state_ahead() if init else None
 
 
 def jit_train_steps(run: Run, count: int) -> Callable:
