@@ -1,7 +1,7 @@
 """jax's threefry2x32 random bits, drawn with numpy on the host, and the init jaxpr's draws made so.
 
 Why not leave them to XLA: on the CPU, a model's init program spent most of its compilation on the
-threefry kernels that draw its parameters (gpt_pydocs: 46 of its 56 kernels), and that compilation
+threefry kernels that draw its parameters (gpt_pydocs: 50 of its 56 kernels), and that compilation
 shares the two cores of a cold start with the train step's. Drawn here, the program compiles only
 what turns the bits into parameters (uniform, erf_inv, scale), with the same numbers to the bit:
 threefry is integer arithmetic, and tests/threefry_test.py pins these functions to jax.random's.
