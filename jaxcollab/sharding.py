@@ -255,23 +255,22 @@ def create_sharded_ahead(init_fn: Callable[[], PyTree], shardings: PyTree) -> Ca
   computed = [i for i, fill in enumerate(fills) if fill is None]
   # jax.random's draws sit in nested jit calls: inlined, the host can make them (and drop what is dead in them).
   closed = jaxprs.only_outputs(jaxprs.inline_jits(jaxprs.only_outputs(closed, computed)), list(range(len(computed))))
-  drawn = threefry.host_draws(closed) if isinstance(leaf_shardings[0], NamedSharding) else None
+  on_mesh = all(isinstance(s, NamedSharding) for s in leaf_shardings)
+  drawn = threefry.host_draws(closed) if on_mesh else None
   program, inputs, host_values = drawn or (closed, [], [None] * len(computed))
   for i, value in zip(computed, host_values):
     fills[i] = value
   from_program = [i for i in computed if fills[i] is None]
   # The drawn bits go in whole to every device: elementwise maps of them make the sharded leaves.
-  whole = NamedSharding(leaf_shardings[0].mesh, P())
+  whole = [NamedSharding(leaf_shardings[0].mesh, P()) for _ in inputs]
+  abstract = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, sharding=s) for v, s in zip(program.jaxpr.invars, whole)]
   lowered = jax.jit(
     jax.extend.core.jaxpr_as_fun(program), out_shardings=[leaf_shardings[i] for i in from_program]
-  ).lower(*[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, sharding=whole) for v in program.jaxpr.invars])
+  ).lower(*abstract)
   compiled = compile_on_thread(lowered, "init", options)
 
   def make() -> PyTree:
-    values = [
-      _filled(v.aval.shape, v.aval.dtype, x() if callable(x) else x, whole)
-      for v, x in zip(program.jaxpr.invars, inputs)
-    ]
+    values = [_filled(a.shape, a.dtype, x() if callable(x) else x, s) for a, x, s in zip(abstract, inputs, whole)]
     made = iter(compiled()(*values))
     leaves = [
       next(made) if fill is None else _filled(shape.shape, shape.dtype, fill, sharding)

@@ -60,11 +60,6 @@ def bits(key: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   return (x1 ^ x2).reshape(shape)
 
 
-def _impl_name(params: dict[str, Any]) -> str | None:
-  impl = params.get("impl")
-  return getattr(impl, "name", None)
-
-
 def _random_seed(seeds: np.ndarray, *, impl: Any) -> np.ndarray | None:
   return seed(seeds) if getattr(impl, "name", None) == IMPL and seeds.shape == () else None
 
@@ -97,10 +92,10 @@ def host_draws(closed: jax.extend.core.ClosedJaxpr) -> tuple[jax.extend.core.Clo
   """(the rest of `closed`, its inputs' host values, each output's host value or None), or None.
 
   The key derivations and the random bits of `closed` (a jaxpr with no inputs whose jit calls are
-  inlined: `jaxprs.inline_jits`) are evaluated here; the rest takes
-  the values it needs from them as inputs. Bits come deferred, as functions that draw them. None
-  where a draw cannot be made here (another PRNG implementation, `jax_threefry_partitionable` off,
-  a batch of keys, other bit widths).
+  inlined: `jaxprs.inline_jits`) are evaluated here; the rest takes the values it needs from them as
+  inputs. Bits come deferred, as functions that draw them. None where a draw cannot be made here
+  (another PRNG implementation, `jax_threefry_partitionable` off, a batch of keys, other bit widths,
+  a key that the rest would use).
   """
   if not jax.config.jax_threefry_partitionable:  # type: ignore[attr-defined]  # The context manager's value.
     return None
