@@ -251,16 +251,8 @@ def create_sharded_ahead(init_fn: Callable[[], PyTree], shardings: PyTree) -> Ca
   if platform not in HOST_FILLED_PLATFORMS or len(shapes) != len(leaf_shardings):
     compiled = compile_on_thread(jax.jit(init_fn, out_shardings=shardings).lower(), "init", options)
     return lambda: compiled()()
-  fills = jaxprs.constant_outputs(closed.jaxpr)
-  computed = [i for i, fill in enumerate(fills) if fill is None]
-  # jax.random's draws sit in nested jit calls: inlined, the host can make them (and drop what is dead in them).
-  closed = jaxprs.only_outputs(jaxprs.inline_jits(jaxprs.only_outputs(closed, computed)), list(range(len(computed))))
-  on_mesh = all(isinstance(s, NamedSharding) for s in leaf_shardings)
-  drawn = threefry.host_draws(closed) if on_mesh else None
-  program, inputs, host_values = drawn or (closed, [], [None] * len(computed))
-  for i, value in zip(computed, host_values):
-    fills[i] = value
-  from_program = [i for i in computed if fills[i] is None]
+  fills, program, inputs = host_split(closed, draw=all(isinstance(s, NamedSharding) for s in leaf_shardings))
+  from_program = [i for i, fill in enumerate(fills) if fill is None]
   # The drawn bits go in whole to every device: elementwise maps of them make the sharded leaves.
   whole = [NamedSharding(leaf_shardings[0].mesh, P()) for _ in inputs]
   abstract = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, sharding=s) for v, s in zip(program.jaxpr.invars, whole)]
@@ -279,6 +271,23 @@ def create_sharded_ahead(init_fn: Callable[[], PyTree], shardings: PyTree) -> Ca
     return jax.tree.unflatten(treedef, leaves)
 
   return make
+
+
+def host_split(closed: jax.extend.core.ClosedJaxpr, draw: bool = True) -> tuple[list[Any], Any, list[Any]]:
+  """(each output's host value or None, the program for the Nones, that program's host inputs).
+
+  Host values: the outputs `closed` fills with a constant, and, where `draw`, those
+  `threefry.host_draws` makes; the program's inputs are the bits it draws, as functions that draw them.
+  """
+  fills = jaxprs.constant_outputs(closed.jaxpr)
+  computed = [i for i, fill in enumerate(fills) if fill is None]
+  # jax.random's draws sit in nested jit calls: inlined, the host can make them (and drop what is dead in them).
+  closed = jaxprs.only_outputs(jaxprs.inline_jits(jaxprs.only_outputs(closed, computed)), list(range(len(computed))))
+  drawn = threefry.host_draws(closed) if draw else None
+  program, inputs, host_values = drawn or (closed, [], [None] * len(computed))
+  for i, value in zip(computed, host_values):
+    fills[i] = value
+  return fills, program, inputs
 
 
 # Where `create_sharded` makes constant leaves on the host: where device memory is host memory, and

@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxcollab import config as config_lib
-from jaxcollab import jaxprs, sharding, threefry, train
+from jaxcollab import jaxprs, sharding, train
 from jaxcollab import run as run_lib
 from jaxcollab.errors import UserError
 
@@ -346,8 +346,7 @@ def test_init_fills_constants_and_draws_bits_on_the_host_and_compiles_only_the_r
   run = run_lib.build(smoke("gpt_pydocs", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), jax.devices())
   closed = jax.make_jaxpr(run.init_fn)()
   fills = jaxprs.constant_outputs(closed.jaxpr)
-  drawn = [i for i, fill in enumerate(fills) if fill is None]
-  program, _, _ = threefry.host_draws(jaxprs.inline_jits(jaxprs.only_outputs(closed, drawn)))
+  _, program, _ = sharding.host_split(closed)
   assert not any(e.primitive.name.startswith("random_") for e in program.jaxpr.eqns)  # The host draws them all.
   state = run.init_state()
   leaves = jax.tree.leaves_with_path(state)
