@@ -43,11 +43,17 @@ CNN_BATCH = 128
 # Children: each prints one JSON line. `started` is the parent's time.time() just before spawning.
 
 
-def _jax_runtime(cache_dir: str) -> None:
-  """The CLI's runtime setup (CPU fusion flag, persistent compilation cache) before jax computes."""
+def _jax_runtime(cache_dir: str, start_up: bool = False) -> None:
+  """The CLI's runtime setup (CPU fusion flag, persistent compilation cache) before jax computes.
+
+  start_up: also pause the cyclic collector until `runtime.resume_gc()`, as `jaxcollab train` does
+  until its first step.
+  """
   from jaxcollab import runtime  # pylint: disable=g-import-not-at-top
 
   runtime.configure(cache_dir, log_level=None)
+  if start_up:
+    runtime.pause_gc()
 
 
 def _compile_counter():
@@ -80,12 +86,12 @@ def _timed(fn, steps: int, reps: int, sync, stat=min) -> float:
 
 
 def child_jax_gpt(size: str, steps: int, reps: int, cache_dir: str, started: float) -> dict:
-  _jax_runtime(cache_dir)
+  _jax_runtime(cache_dir, start_up=True)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from jaxcollab import config as config_lib  # pylint: disable=g-import-not-at-top
-  from jaxcollab import evaluate, sharding, train
+  from jaxcollab import evaluate, runtime, sharding, train
   from jaxcollab import run as run_lib
 
   config = config_lib.load_experiment("gpt_pydocs")
@@ -105,6 +111,7 @@ def child_jax_gpt(size: str, steps: int, reps: int, cache_dir: str, started: flo
   state, metrics = step(state, batches[0])
   jax.block_until_ready(metrics)
   first_step_s = time.time() - started
+  runtime.resume_gc()
   after_first = compiles[0]
   box = {"state": state}
 

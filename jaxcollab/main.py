@@ -187,6 +187,14 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
   config = config_lib.apply_overrides(config_lib.load_experiment(args.config), overrides)
   config = schema.resolve(config, config_lib.override_keys(overrides))
   runtime.configure()
+  runtime.pause_gc()  # For the start-up: the loop resumes it after the first step, and so does an error.
+  try:
+    _train_configured(args, config)
+  finally:
+    runtime.resume_gc()
+
+
+def _train_configured(args: argparse.Namespace, config: config_lib.ConfigDict) -> None:
   # Imported here, not at the top: XLA_FLAGS (set by configure) must be in place before jax starts.
   import jax  # pylint: disable=g-import-not-at-top
 

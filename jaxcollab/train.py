@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from jaxcollab import checkpoint, evaluate, metrics, models, plots, records, reload, sharding
+from jaxcollab import checkpoint, evaluate, metrics, models, plots, records, reload, runtime, sharding
 from jaxcollab import config as config_lib
 from jaxcollab import run as run_lib
 from jaxcollab import stop as stop_lib
@@ -406,6 +406,7 @@ def _train(
       if step == start:  # Compiled and run once: an allocation failure is one sentence, and setup is over.
         state = ready(state, run, "at the first training step")
         stop.phase = stop_lib.TRAIN
+        runtime.resume_gc()  # Paused by the CLI for its start-up.
       step += count or 1
       if wd.segment is not None:
         wd.segment["end_step"] = step

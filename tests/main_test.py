@@ -1,5 +1,6 @@
 """The CLI: every user error is one sentence on stderr and exit code 2, with no traceback."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -30,6 +31,7 @@ def test_bad_config_exits_2(tmp_path, capsys, extra, needle):
   assert needle in err
   assert err.count("\n") == 1 and "Traceback" not in err
   assert not os.path.exists(tmp_path / "w" / "checkpoints")  # Failed before anything ran.
+  assert gc.isenabled()  # The start-up's pause ends with the error too.
 
 
 def test_bad_experiment_files_exit_2(tmp_path, capsys):
@@ -79,3 +81,22 @@ def test_real_process_prints_one_sentence(tmp_path):
   assert lines == [
     "jaxcollab train: error: Unknown config key 'train.stpes' on the command line; did you mean 'train.steps'?"
   ], out.stderr
+
+
+def test_train_pauses_the_collector_for_its_start_up_only(tmp_path, monkeypatch):
+  from jaxcollab import train  # pylint: disable=g-import-not-at-top
+
+  seen = {}
+
+  def spy(name, fn):
+    def wrapped(*args, **kwargs):
+      seen.setdefault(name, gc.isenabled())
+      return fn(*args, **kwargs)
+
+    monkeypatch.setattr(train, name, wrapped)
+
+  spy("compile_ahead", train.compile_ahead)  # Start-up: tracing and compiling.
+  spy("_evaluate", train._evaluate)  # After the first step.
+  assert main.main(["train", "--config", "mlp_digits:smoke", "--workdir", str(tmp_path / "w")]) == 0
+  assert seen == {"compile_ahead": False, "_evaluate": True}
+  assert gc.isenabled()

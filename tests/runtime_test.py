@@ -62,6 +62,23 @@ def test_configure_collects_young_objects_less_often():
   assert gc.get_threshold() == runtime.GC_THRESHOLDS and runtime.GC_THRESHOLDS[0] > 700
 
 
+def test_pause_gc_turns_the_collector_off_until_resume_and_leaves_a_callers_choice():
+  assert gc.isenabled()
+  runtime.pause_gc()
+  assert not gc.isenabled()
+  runtime.resume_gc()
+  assert gc.isenabled()
+  runtime.resume_gc()  # Nothing paused: nothing to do.
+  assert gc.isenabled()
+  gc.disable()  # Turned off by the caller, not by pause_gc: resume_gc leaves it off.
+  try:
+    runtime.pause_gc()
+    runtime.resume_gc()
+    assert not gc.isenabled()
+  finally:
+    gc.enable()
+
+
 @pytest.mark.skipif(runtime.huge_pages_environ({}) is None, reason="glibc only")
 def test_huge_pages_are_added_to_glibc_tunables_unless_set_or_declined():
   assert runtime.huge_pages_environ({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": runtime.HUGE_PAGES_TUNABLE}
