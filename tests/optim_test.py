@@ -95,6 +95,32 @@ def test_grad_clipping_caps_the_global_norm():
   np.testing.assert_allclose(new["b"], -small["b"], rtol=1e-6)
 
 
+def test_clip_equals_optax_exactly_inside_the_norm_and_within_2_ulp_when_it_clips():
+  rng = np.random.default_rng(0)
+  shapes = {"a": (3,), "b": (17, 5), "c": (2, 3, 4), "d": ()}
+  seen = set()
+  for scale in (1e-3, 0.01, 0.3, 7.0, 1e4):  # Global norms of about 0.012 to 1.2e5.
+    grads = {k: jnp.asarray(rng.normal(size=s) * scale, jnp.float32) for k, s in shapes.items()}
+    ours, _ = optim.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    clipped = float(optax.tree.norm(grads)) > 1.0
+    seen.add(clipped)
+    for k in shapes:
+      if clipped:
+        np.testing.assert_array_max_ulp(np.asarray(ours[k]), np.asarray(theirs[k]), maxulp=2)
+      else:
+        np.testing.assert_array_equal(ours[k], theirs[k])
+  assert seen == {True, False}
+  for special in (0.0, np.inf, np.nan):  # A zero norm leaves zeros; inf and NaN norms give what optax gives.
+    grads = {"a": jnp.asarray([special, 0.0, 1.0 if special else 0.0], jnp.float32)}
+    ours, _ = optim.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    np.testing.assert_array_equal(ours["a"], theirs["a"])  # NaN where optax has NaN.
+  assert jax.tree.structure(optim.clip_by_global_norm(1.0).init(shapes)) == jax.tree.structure(
+    optax.clip_by_global_norm(1.0).init(shapes)
+  )  # Same (empty) state: checkpoints written with optax's clip restore.
+
+
 def test_sgd_plain_momentum_and_nesterov():
   params, grads = {"w": jnp.ones((2,))}, {"w": jnp.asarray([1.0, -2.0])}
   second_updates = {}
