@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -86,9 +87,11 @@ class Stacked:
     self.shardings = jax.tree.map(_seed_axis, run.shardings)
     self.batch_sharding = _seed_axis(sharding.batch_sharding(run.mesh))
 
+    one_step = functools.partial(train.train_step, update_norm=run.config.train.update_norm)
+
     def step(state, batch):
       with sharding.activation_context(run.mesh, run.rules):
-        return jax.vmap(train.train_step)(state, batch)
+        return jax.vmap(one_step)(state, batch)
 
     self.train_step = jax.jit(
       step, in_shardings=(self.shardings, self.batch_sharding), out_shardings=(self.shardings, None), donate_argnums=0
@@ -99,7 +102,7 @@ class Stacked:
 
     def steps(state, batches):
       with sharding.activation_context(run.mesh, run.rules):
-        return jax.lax.scan(jax.vmap(train.train_step), state, batches, unroll=True)
+        return jax.lax.scan(jax.vmap(one_step), state, batches, unroll=True)
 
     self.train_steps = jax.jit(
       steps, in_shardings=(self.shardings, self.calls_sharding), out_shardings=(self.shardings, None), donate_argnums=0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -35,8 +36,14 @@ PyTree = Any
 CALLS_IN_FLIGHT = 2
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One micro-step: gradients of the masked mean loss, an optimizer update, and health metrics."""
+def train_step(
+  state: TrainState, batch: dict[str, jax.Array], update_norm: bool = False
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One micro-step: gradients of the masked mean loss, an optimizer update, and health metrics.
+
+  update_norm: also the norm of the update (`train.update_norm`). XLA:CPU has no multi-output fusion,
+  so it costs a kernel per parameter shape that recomputes AdamW's update, and their reductions.
+  """
   rng = jax.random.fold_in(state.rng, state.step)  # Same numbers at step N whether resumed or not.
   batch = augment.apply_to_batch(batch)  # Images move here, by the draws the pipeline made.
   mask = batch["mask"]
@@ -55,8 +62,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
     "learning_rate": state.lr_fn(state.step),
     "grad_norm": optax.tree.norm(grads),
     "param_norm": optax.tree.norm(params),
-    "update_norm": optax.tree.norm(updates),
   }
+  if update_norm:
+    out["update_norm"] = optax.tree.norm(updates)
   if "label" in batch:
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     out["accuracy"] = jnp.sum(correct * mask) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -71,7 +79,7 @@ def jit_train_step(run: Run) -> jax.stages.Wrapped:
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
     with sharding.activation_context(run.mesh, run.rules):  # Where the models' activation constraints resolve.
-      return train_step(state, batch)
+      return train_step(state, batch, run.config.train.update_norm)
 
   return jax.jit(
     step,
@@ -128,7 +136,9 @@ def jit_train_steps(run: Run, count: int) -> Callable:
 
   def steps(state: TrainState, batches: dict[str, jax.Array]):
     with sharding.activation_context(run.mesh, run.rules):
-      return jax.lax.scan(train_step, state, batches, unroll=True)
+      return jax.lax.scan(
+        functools.partial(train_step, update_norm=run.config.train.update_norm), state, batches, unroll=True
+      )
 
   return jax.jit(steps, in_shardings=(run.shardings, stacked), out_shardings=(run.shardings, None), donate_argnums=0)
 

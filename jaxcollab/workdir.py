@@ -36,6 +36,7 @@ RESUMABLE_KEYS = (
   "train.eval_every",
   "train.log_every",
   "train.steps_per_call",
+  "train.update_norm",  # A metric only: the same parameters with it on or off (tests/train_test.py).
   "train.eval_batch_size",
   "train.target",
   "train.allow_changes",

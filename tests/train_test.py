@@ -113,8 +113,26 @@ def test_step_is_a_pure_function_of_state_and_batch():
   # Dropout draws from fold_in(rng, step): a later step draws other masks from the same batch.
   later, ml = step(state.replace(step=state.step + 1), batch)
   assert float(ml["loss"]) != float(ma["loss"])
-  for key in ("loss", "learning_rate", "grad_norm", "param_norm", "update_norm", "bits_per_byte"):
+  for key in ("loss", "learning_rate", "grad_norm", "param_norm", "bits_per_byte"):
     assert key in ma
+  assert "update_norm" not in ma  # train.update_norm is off by default.
+
+
+@pytest.mark.parametrize("name", ["mlp_digits", "gpt_pydocs"])
+def test_update_norm_is_the_norm_of_the_update_and_changes_no_state_bit(name):
+  states, metrics = [], []
+  for flag in ("false", "true"):
+    run = run_lib.build(smoke(name, f"train.update_norm={flag}"), ONE_DEVICE)
+    state, step = run.init_state(), train.jit_train_step(run)
+    before = jax.device_get(state.params)
+    state, m = step(state, first_batch(run, run.config.train.batch_size))
+    states.append(jax.device_get(state))
+    metrics.append(m)
+  assert "update_norm" not in metrics[0] and "update_norm" in metrics[1]
+  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+    np.testing.assert_array_equal(a, b)  # A metric only: the same parameters and optimizer state.
+  change = [np.asarray(a, np.float64) - b for a, b in zip(jax.tree.leaves(states[1].params), jax.tree.leaves(before))]
+  assert float(metrics[1]["update_norm"]) == pytest.approx(np.sqrt(sum(np.sum(c * c) for c in change)), rel=1e-3)
 
 
 @pytest.mark.parametrize("name, eval_batch", [("mlp_digits", 64), ("gpt_pydocs", 24)])
@@ -163,7 +181,7 @@ def test_workdir_has_everything(tmp_path):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   train_rows = [r for r in rows if r["split"] == "train"]
   assert [r["step"] for r in train_rows] == [5, 10, 15, 20]
-  for key in ("loss", "accuracy", "learning_rate", "grad_norm", "param_norm", "update_norm", "examples_per_s"):
+  for key in ("loss", "accuracy", "learning_rate", "grad_norm", "param_norm", "examples_per_s"):
     assert key in train_rows[0], key
   assert rows[-1]["split"] == "test" and rows[-1]["accuracy"] == result["accuracy"]
   report = json.load(open(os.path.join(workdir, "report.json")))
