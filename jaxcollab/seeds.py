@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import sys
 import time
 from collections.abc import Callable
@@ -87,7 +86,7 @@ class Stacked:
     self.shardings = jax.tree.map(_seed_axis, run.shardings)
     self.batch_sharding = _seed_axis(sharding.batch_sharding(run.mesh))
 
-    one_step = functools.partial(train.train_step, update_norm=run.config.train.update_norm)
+    one_step = train.configured_step(run.config)
 
     def step(state, batch):
       with sharding.activation_context(run.mesh, run.rules):

@@ -74,12 +74,17 @@ def train_step(
   return new_state, out
 
 
+def configured_step(config: ConfigDict) -> Callable:
+  """`train_step` with the config's switches bound (`train.update_norm`): what every jitted step runs."""
+  return functools.partial(train_step, update_norm=config.train.update_norm)
+
+
 def jit_train_step(run: Run) -> jax.stages.Wrapped:
   """`train_step` compiled once with the run's shardings, donating the old state."""
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
     with sharding.activation_context(run.mesh, run.rules):  # Where the models' activation constraints resolve.
-      return train_step(state, batch, run.config.train.update_norm)
+      return configured_step(run.config)(state, batch)
 
   return jax.jit(
     step,
@@ -136,9 +141,7 @@ def jit_train_steps(run: Run, count: int) -> Callable:
 
   def steps(state: TrainState, batches: dict[str, jax.Array]):
     with sharding.activation_context(run.mesh, run.rules):
-      return jax.lax.scan(
-        functools.partial(train_step, update_norm=run.config.train.update_norm), state, batches, unroll=True
-      )
+      return jax.lax.scan(configured_step(run.config), state, batches, unroll=True)
 
   return jax.jit(steps, in_shardings=(run.shardings, stacked), out_shardings=(run.shardings, None), donate_argnums=0)
 
